@@ -1,0 +1,1 @@
+"""prefork client role."""

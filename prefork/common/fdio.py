@@ -1,0 +1,62 @@
+"""Small socket I/O helpers: read exactly N bytes, send and receive fds.
+
+Works on ``_socket.socket`` (the client avoids importing ``socket``) and ``socket.socket``.
+Received fds are close-on-exec (``MSG_CMSG_CLOEXEC``); a truncated control message is an error
+and every fd that did arrive is closed, like ``multiprocessing.reduction.recvfds``.
+"""
+
+from __future__ import annotations
+
+import _socket
+import os
+import sys
+
+TYPE_CHECKING = False
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+_FD_SIZE = 4  # sizeof(int)
+_ORDER = sys.byteorder
+
+
+def read_exactly(sock: _socket.socket, n: int) -> bytes:
+    """Read exactly ``n`` bytes; ``EOFError`` if the peer closes first."""
+    chunks = []
+    while n:
+        chunk = sock.recv(n)
+        if not chunk:
+            raise EOFError(f"connection closed with {n} bytes still expected")
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def send_fds(sock: _socket.socket, data: bytes, fds: Sequence[int]) -> None:
+    """Send ``data`` (at least one byte) carrying ``fds`` by SCM_RIGHTS."""
+    anc = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
+            b"".join(fd.to_bytes(_FD_SIZE, _ORDER) for fd in fds))]
+    sent = sock.sendmsg([data], anc)
+    if sent != len(data):  # a stream socket may send less; fds went with the first byte
+        sock.sendall(data[sent:])
+
+
+def recv_with_fds(sock: _socket.socket, bufsize: int, maxfds: int) -> tuple[bytes, list[int]]:
+    """One ``recvmsg``: up to ``bufsize`` bytes and up to ``maxfds`` fds (non-inheritable).
+
+    Raises ``OSError``-derived errors of the socket as is, and ``ValueError`` when the peer
+    sent more fds than ``maxfds`` (the control message was truncated; all fds closed).
+    """
+    data, anc, flags, _ = sock.recvmsg(bufsize, _socket.CMSG_SPACE(maxfds * _FD_SIZE),
+                                       _socket.MSG_CMSG_CLOEXEC)
+    fds: list[int] = []
+    for level, typ, payload in anc:
+        if level == _socket.SOL_SOCKET and typ == _socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % _FD_SIZE
+            fds.extend(int.from_bytes(payload[i:i + _FD_SIZE], _ORDER)
+                       for i in range(0, usable, _FD_SIZE))
+    if flags & _socket.MSG_CTRUNC:
+        for fd in fds:
+            os.close(fd)
+        raise ValueError(f"too many fds in one message (more than {maxfds})")
+    return data, fds

@@ -1,0 +1,304 @@
+"""The prefork-interp wire protocol: pure encode/decode functions over bytes.
+
+No I/O here (see ``fdio``); every function is testable without processes.  Imported by the
+client on its hot path: only ``_struct`` and builtins.
+
+Protocol v1 (chiark-utils' reference, spoken exactly)
+------------------------------------------------------
+
+Server -> client, as soon as the connection is accepted (the *greeting*)::
+
+    b"PFI\\n"  xlen:u32 (HOST byte order!)  xdata:xlen bytes
+
+The reference C client reads ``xlen`` without ``ntohl``, so it is written in host byte order
+(little-endian on x86-64); every other length below is big-endian.
+
+Client -> server (the *request*)::
+
+    sigbyte:u8 = 0
+    3 x sendmsg(data=b"\\0", SCM_RIGHTS=[fd])       fds 0, 1, 2 of the caller, in that order
+    mlen:u32be  message:mlen bytes
+
+``message`` is a sequence of NUL-terminated strings: every ``NAME=value`` of the environment,
+an empty string, then ``interp``, ``script`` (when there is one) and the arguments.
+
+Server -> client, when the call ends::
+
+    status:u32be     a wait status as from waitpid(2)
+
+Extension x1 (ours; used only when both sides say so)
+-----------------------------------------------------
+
+Offer: the greeting's xdata is a list of NUL-terminated tokens; a server that speaks x1
+includes the token ``b"prefork-x1"``.  A v1 client ignores xdata, so v1 stays exact.
+
+Acceptance: a client that saw the offer sends ``sigbyte = 0x01`` (a v1 server refuses any
+non-zero byte, so the byte is never sent to one).  The request is then::
+
+    sigbyte:u8 = 1
+    1 x sendmsg(data=b"\\0", SCM_RIGHTS=[fd0, fd1, fd2, cwd])   cwd: an O_PATH/O_DIRECTORY fd
+    mlen:u32be  message:mlen bytes                              as in v1
+    xlen:u32be  ext:xlen bytes        ext = umask:u32be flags:u32be client_pid:u32be [+ future]
+
+``flags``: bits 0..2 set = the caller's fd 0/1/2 was closed (the fd sent is /dev/null and the
+executor closes it again); unknown bits are ignored.
+
+After the request both directions carry 5-byte *records* ``tag:u8 value:u32be``:
+
+- client -> server ``S sig``: deliver signal ``sig`` to the executor's process group.
+- server -> client ``P pid``: the executor's pid (sent once, after the fork).
+- server -> client ``T sig``: the executor was stopped by ``sig``; the client stops itself.
+- server -> client ``C 0``: the executor was continued.
+- server -> client ``W status``: the final wait status; the server closes the connection.
+
+Unknown tags are ignored by both sides (room for further records).
+"""
+
+from __future__ import annotations
+
+import _struct
+
+MAGIC = b"PFI\n"
+GREETING_HEAD = _struct.Struct("=4sI")  # host byte order, as the reference C client reads it
+U32BE = _struct.Struct(">I")
+RECORD = _struct.Struct(">cI")
+EXT_FIXED = _struct.Struct(">III")
+
+SIGBYTE_V1 = 0
+SIGBYTE_X1 = 1
+X1_TOKEN = b"prefork-x1"
+
+V1_FDS = 3
+X1_FDS = 4
+
+FLAG_FD0_CLOSED = 1
+FLAG_FD1_CLOSED = 2
+FLAG_FD2_CLOSED = 4
+
+REC_SIGNAL = b"S"
+REC_PID = b"P"
+REC_STOPPED = b"T"
+REC_CONTINUED = b"C"
+REC_STATUS = b"W"
+
+#: Upper bound on a request's message, so a client cannot make the server allocate gigabytes.
+MAX_MESSAGE = 32 * 1024 * 1024
+#: Upper bound on greeting extra data and on the extension block.
+MAX_XDATA = 64 * 1024
+
+
+class ProtocolError(Exception):
+    """The peer sent something that is not the protocol; the text says what and where."""
+
+
+# ---------------------------------------------------------------- greeting
+
+
+def encode_greeting(tokens: tuple[bytes, ...] = ()) -> bytes:
+    """The greeting, offering ``tokens`` (e.g. ``(X1_TOKEN,)``) in its extra data."""
+    xdata = b"".join(t + b"\0" for t in tokens)
+    return GREETING_HEAD.pack(MAGIC, len(xdata)) + xdata
+
+
+def decode_greeting_head(head: bytes) -> int:
+    """Check the 8-byte greeting head; return the length of the extra data that follows."""
+    if len(head) != GREETING_HEAD.size:
+        raise ProtocolError(f"greeting: truncated ({len(head)} of 8 bytes)")
+    magic, xlen = GREETING_HEAD.unpack(head)
+    if magic != MAGIC:
+        raise ProtocolError(f"greeting: bad magic {magic!r}")
+    if xlen > MAX_XDATA:
+        raise ProtocolError(f"greeting: extra data length {xlen} too large")
+    return int(xlen)
+
+
+def decode_offer(xdata: bytes) -> frozenset[bytes]:
+    """The tokens offered in greeting extra data (anything unparseable offers nothing)."""
+    if not xdata.endswith(b"\0"):
+        return frozenset()
+    return frozenset(t for t in xdata[:-1].split(b"\0") if t)
+
+
+# ---------------------------------------------------------------- request message
+
+
+def encode_message(env: list[bytes], argv: list[bytes]) -> bytes:
+    """Length-prefixed message: ``NAME=value`` strings, an empty string, then argv."""
+    parts = [e for e in env if b"=" in e and b"\0" not in e]
+    for a in argv:
+        if b"\0" in a:
+            raise ProtocolError("argument contains a NUL byte")
+    body = b"\0".join([*parts, b"", *argv]) + b"\0"
+    if len(body) > MAX_MESSAGE:
+        raise ProtocolError(f"message of {len(body)} bytes exceeds {MAX_MESSAGE}")
+    return U32BE.pack(len(body)) + body
+
+
+def decode_message(body: bytes) -> tuple[list[tuple[bytes, bytes]], list[bytes]]:
+    """Split a message into ``[(name, value)]`` and argv; reject anything malformed."""
+    if not body.endswith(b"\0"):
+        raise ProtocolError("message: missing trailing NUL")
+    strings = body[:-1].split(b"\0")
+    try:
+        sep = strings.index(b"")
+    except ValueError:
+        raise ProtocolError("message: no empty string ending the environment") from None
+    env: list[tuple[bytes, bytes]] = []
+    for entry in strings[:sep]:
+        name, eq, value = entry.partition(b"=")
+        if not eq:
+            raise ProtocolError(f"message: environment entry without '=': {entry[:60]!r}")
+        env.append((name, value))
+    argv = strings[sep + 1 :]
+    if not argv:
+        raise ProtocolError("message: no interpreter in argv")
+    return env, argv
+
+
+def encode_ext(umask: int, flags: int, client_pid: int) -> bytes:
+    """The x1 extension block, length-prefixed."""
+    block = EXT_FIXED.pack(umask, flags, client_pid)
+    return U32BE.pack(len(block)) + block
+
+
+def decode_ext(block: bytes) -> tuple[int, int, int]:
+    """``(umask, flags, client_pid)`` from an extension block (extra bytes are ignored)."""
+    if len(block) < EXT_FIXED.size:
+        raise ProtocolError(f"extension block: {len(block)} bytes, need {EXT_FIXED.size}")
+    umask, flags, pid = EXT_FIXED.unpack_from(block)
+    if umask > 0o777:
+        raise ProtocolError(f"extension block: bad umask {umask:#o}")
+    return int(umask), int(flags), int(pid)
+
+
+# ---------------------------------------------------------------- records and statuses
+
+
+def encode_status(status: int) -> bytes:
+    """A v1 final wait status."""
+    return U32BE.pack(status & 0xFFFFFFFF)
+
+
+def decode_status(data: bytes) -> int:
+    """A v1 final wait status from exactly 4 bytes."""
+    if len(data) != 4:
+        raise ProtocolError(f"status: truncated ({len(data)} of 4 bytes)")
+    return int(U32BE.unpack(data)[0])
+
+
+def encode_record(tag: bytes, value: int) -> bytes:
+    """One x1 record."""
+    return RECORD.pack(tag, value & 0xFFFFFFFF)
+
+
+def decode_records(buf: bytes) -> tuple[list[tuple[bytes, int]], bytes]:
+    """Complete records at the front of ``buf``, and the incomplete rest."""
+    n = len(buf) - len(buf) % RECORD.size
+    recs = [(t, int(v)) for t, v in RECORD.iter_unpack(buf[:n])]
+    return recs, buf[n:]
+
+
+class Request:
+    """A fully received call."""
+
+    __slots__ = ("argv", "client_pid", "env", "extended", "fds", "flags", "umask")
+
+    def __init__(self, extended: bool, fds: list[int], env: list[tuple[bytes, bytes]],
+                 argv: list[bytes], umask: int | None = None, flags: int = 0,
+                 client_pid: int = 0) -> None:
+        self.extended = extended
+        self.fds = fds
+        self.env = env
+        self.argv = argv
+        self.umask = umask
+        self.flags = flags
+        self.client_pid = client_pid
+
+
+class RequestParser:
+    """Incremental, I/O-free parser of a request as bytes and fds arrive.
+
+    ``feed(data, fds)`` returns ``None`` until the request is complete, then the ``Request``;
+    bytes after the request are kept in ``rest``.  Raises ``ProtocolError`` on anything wrong;
+    the caller then closes ``self.fds`` (fds received so far, in order).
+    """
+
+    def __init__(self, x1_offered: bool) -> None:
+        self.x1_offered = x1_offered
+        self.buf = b""
+        self.fds: list[int] = []
+        self.rest = b""
+        self.extended: bool | None = None
+        self.done = False
+
+    def _need_fds(self) -> int:
+        return X1_FDS if self.extended else V1_FDS
+
+    def feed(self, data: bytes, fds: list[int] = []) -> Request | None:  # noqa: B006
+        """Add received bytes and fds; return the request once complete."""
+        if self.done:
+            raise ProtocolError("data after the request was complete")
+        self.fds.extend(fds)
+        self.buf += data
+        buf = self.buf
+        if not buf:
+            if self.fds:
+                raise ProtocolError("fds received before the signalling byte")
+            return None
+        if self.extended is None:
+            sig = buf[0]
+            if sig == SIGBYTE_V1:
+                self.extended = False
+            elif sig == SIGBYTE_X1 and self.x1_offered:
+                self.extended = True
+            else:
+                raise ProtocolError(f"signalling byte is {sig:#04x}, not zero")
+        need = self._need_fds()
+        fd_bytes = 1 if self.extended else V1_FDS
+        if len(self.fds) > need:
+            raise ProtocolError(f"{len(self.fds)} fds received, expected {need}")
+        pos = 1 + fd_bytes
+        if len(buf) < pos:
+            return None
+        if len(self.fds) < need:
+            raise ProtocolError(f"only {len(self.fds)} fds received, expected {need}")
+        if buf[1:pos] != b"\0" * fd_bytes:
+            raise ProtocolError("fd-carrying bytes are not zero")
+        if len(buf) < pos + 4:
+            return None
+        (mlen,) = U32BE.unpack_from(buf, pos)
+        if mlen > MAX_MESSAGE:
+            raise ProtocolError(f"message length {mlen} exceeds the limit {MAX_MESSAGE}")
+        pos += 4
+        if len(buf) < pos + mlen:
+            return None
+        env, argv = decode_message(buf[pos : pos + mlen])
+        pos += mlen
+        umask: int | None = None
+        flags = cpid = 0
+        if self.extended:
+            if len(buf) < pos + 4:
+                return None
+            (xlen,) = U32BE.unpack_from(buf, pos)
+            if xlen > MAX_XDATA:
+                raise ProtocolError(f"extension block length {xlen} exceeds {MAX_XDATA}")
+            pos += 4
+            if len(buf) < pos + xlen:
+                return None
+            umask, flags, cpid = decode_ext(buf[pos : pos + xlen])
+            pos += xlen
+        self.done = True
+        self.rest = buf[pos:]
+        self.buf = b""
+        return Request(bool(self.extended), self.fds, env, argv, umask, flags, cpid)
+
+
+def encode_request_v1_tail(env: list[bytes], argv: list[bytes]) -> bytes:
+    """What follows the fds in a v1 request."""
+    return encode_message(env, argv)
+
+
+def encode_request_x1_tail(env: list[bytes], argv: list[bytes], umask: int, flags: int,
+                           client_pid: int) -> bytes:
+    """What follows the fds in an x1 request."""
+    return encode_message(env, argv) + encode_ext(umask, flags, client_pid)

@@ -1,0 +1,1 @@
+"""prefork server role."""

@@ -1,0 +1,97 @@
+"""Where the daemon's messages go: syslog when ``/dev/log`` exists, else a file in the run dir.
+
+The server has no terminal (its stdio is /dev/null), so nothing it says may be lost: the
+choice is made once at start-up and every message carries the script and the pid.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+LOG_MAX_BYTES = 1024 * 1024
+
+
+class ServerLog:
+    """A tiny logger for the server process (no ``logging``: it must be fork-safe and lean)."""
+
+    def __init__(self, script: str, target: str | None, file_path: str | None) -> None:
+        """``target``: None/"auto" (syslog if /dev/log exists, else file), "syslog", "file",
+        "stderr", or an explicit file path.  ``file_path`` is the run-dir log file."""
+        self.script = script
+        self._file = None
+        self._syslog = False
+        self.path: str | None = None
+        if target in (None, "auto"):
+            target = "syslog" if os.path.exists("/dev/log") else "file"
+        if target == "syslog":
+            import syslog
+
+            syslog.openlog(f"prefork-interp {os.path.basename(script)}",
+                           syslog.LOG_PID | syslog.LOG_NDELAY, syslog.LOG_USER)
+            self._syslog = True
+        elif target == "stderr":
+            self._file = sys.stderr
+        else:
+            path = file_path if target == "file" else target
+            if path is None:
+                path = os.devnull
+            self.path = path
+            self._rotate_if_big()
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._file = open(fd, "a", buffering=1, encoding="utf-8",  # noqa: SIM115
+                              errors="backslashreplace")
+
+    def _rotate_if_big(self) -> None:
+        if self.path is None:
+            return
+        try:
+            if os.stat(self.path).st_size > LOG_MAX_BYTES:
+                os.replace(self.path, self.path + ".1")
+        except FileNotFoundError:
+            pass
+
+    def _emit(self, level: str, msg: str) -> None:
+        if self._syslog:
+            import syslog
+
+            prio = {"INFO": syslog.LOG_INFO, "WARNING": syslog.LOG_WARNING}.get(
+                level, syslog.LOG_ERR)
+            syslog.syslog(prio, msg)
+            return
+        if self._file is None:
+            return
+        now = time.time()
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now))
+        try:
+            self._file.write(f"{stamp}.{int(now % 1 * 1000):03d} [{os.getpid()}] {level} "
+                             f"{self.script}: {msg}\n")
+        except (OSError, ValueError):
+            pass
+
+    def info(self, msg: str) -> None:
+        """Routine events (start, quit and why)."""
+        self._emit("INFO", msg)
+
+    def warning(self, msg: str) -> None:
+        """Something was rejected or went wrong for one call."""
+        self._emit("WARNING", msg)
+
+    def error(self, msg: str) -> None:
+        """The server cannot go on."""
+        self._emit("ERROR", msg)
+
+    def close(self) -> None:
+        """Release the log's fd (in a forked executor, before user code runs)."""
+        if self._syslog:
+            import syslog
+
+            syslog.closelog()
+            self._syslog = False
+        if self._file is not None and self._file is not sys.stderr:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+        self._file = None

@@ -1,0 +1,488 @@
+"""The server: one process, one event loop, one fork per call.
+
+The server is its own monitor: for every call it sends the greeting, reads the request
+without blocking, forks the executor, and then watches both the executor (SIGCHLD through
+``signal.set_wakeup_fd``, reaped in the loop with ``waitpid(-1, WNOHANG|WUNTRACED|
+WCONTINUED)``) and the call socket (EOF: the client is gone; x1 records: signals to forward).
+When the executor exits, its wait status goes back to the client.
+
+``Server.run()`` returns only in a forked executor (with ``Call`` of that call); the server
+process itself always ends in ``os._exit``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import selectors
+import signal
+import socket
+import struct
+import sys
+import time
+
+from prefork.common import fdio, protocol
+from prefork.server import executor
+from prefork.server.autoreload import Autoreload
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from prefork.server.log import ServerLog
+
+#: Signals a client may ask us to deliver (anything a caller can send that a script can catch).
+FORWARDABLE = frozenset(
+    int(s) for s in (
+        signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
+        signal.SIGPIPE, signal.SIGALRM, signal.SIGTERM, signal.SIGCONT, signal.SIGTSTP,
+        signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH, signal.SIGURG, signal.SIGXCPU,
+        signal.SIGXFSZ, signal.SIGVTALRM, signal.SIGPROF, signal.SIGPWR, signal.SIGSYS,
+        signal.SIGTRAP, signal.SIGABRT, signal.SIGBUS, signal.SIGFPE, signal.SIGSEGV,
+        signal.SIGILL, signal.SIGKILL, signal.SIGSTOP,
+    )
+) | frozenset(range(signal.SIGRTMIN, signal.SIGRTMAX + 1))
+
+REQUEST_TIMEOUT = 30.0   # a connection must deliver its request within this
+KILL_GRACE = 0.5         # SIGINT to a call whose client vanished, then SIGKILL after this
+_PEERCRED = struct.Struct("3i")
+
+
+class Call:
+    """One connection, from greeting to final status."""
+
+    __slots__ = ("deadline", "extended", "kill_at", "parser", "pending", "pid", "sock")
+
+    def __init__(self, sock: socket.socket, x1: bool, now: float) -> None:
+        self.sock: socket.socket | None = sock
+        self.parser: protocol.RequestParser | None = protocol.RequestParser(x1)
+        self.pid = 0
+        self.extended = False
+        self.deadline = now + REQUEST_TIMEOUT
+        self.kill_at: float | None = None
+        self.pending = b""
+
+
+class Server:
+    """The accept / fork / reap loop (see module docstring)."""
+
+    def __init__(self, *, listen_sock: socket.socket, call_sock: socket.socket,
+                 watch_in_fd: int, watch_err_fd: int, birth_ns: int, log: ServerLog,
+                 max_servers: int, idle_timeout: float | None, autoreload: Autoreload | None,
+                 saved_signals: dict[int, object], keep_fds: set[int], script: str,
+                 prctl: Callable[..., int] | None) -> None:
+        self.listen_sock: socket.socket | None = listen_sock
+        self.first_call_sock = call_sock
+        self.watch_in_fd = watch_in_fd
+        self.watch_err_fd = watch_err_fd
+        self.birth_ns = birth_ns
+        self.log = log
+        self.max_servers = max_servers
+        self.idle_timeout = idle_timeout
+        self.autoreload = autoreload
+        self.saved_signals = saved_signals
+        self.keep_fds = keep_fds
+        self.script = script
+        self.prctl = prctl
+        self.calls: dict[socket.socket, Call] = {}
+        self.by_pid: dict[int, Call] = {}
+        self.quitting: str | None = None
+        self.uid = os.getuid()
+        self.sel = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.accepting = False
+        self.last_activity = time.monotonic()
+        self.threads_warned = False
+
+    # ------------------------------------------------------------ set-up
+
+    def _install_signals(self) -> None:
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(sig, self._note_signal)
+
+    def _note_signal(self, signum: int, frame: object) -> None:
+        """Handlers only wake the loop (the byte arrives on ``wake_r``)."""
+
+    def run(self) -> Call:
+        """Serve until told to quit; returns only in an executor, with its call."""
+        self._install_signals()
+        self.sel.register(self.wake_r, selectors.EVENT_READ, "wake")
+        self.sel.register(self.watch_err_fd, selectors.EVENT_READ, "watch")
+        self._add_call(self.first_call_sock)
+        self._set_accepting(True)
+        self.log.info(f"server started (pid {os.getpid()}, max_servers {self.max_servers}, "
+                      f"idle timeout {self.idle_timeout})")
+        while True:
+            child_call = self._step()
+            if child_call is not None:
+                return child_call
+
+    # ------------------------------------------------------------ the loop
+
+    def _timeout(self, now: float) -> float | None:
+        deadlines: list[float] = []
+        for call in self.calls.values():
+            if call.parser is not None:
+                deadlines.append(call.deadline)
+            if call.kill_at is not None:
+                deadlines.append(call.kill_at)
+        for call in self.by_pid.values():
+            if call.kill_at is not None:
+                deadlines.append(call.kill_at)
+        if self.idle_timeout is not None and not self.calls and not self.by_pid \
+                and self.quitting is None:
+            deadlines.append(self.last_activity + self.idle_timeout)
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - now)
+
+    def _step(self) -> Call | None:
+        if self.quitting is not None and not self.calls and not self.by_pid:
+            self.log.info(f"quitting: {self.quitting}")
+            os._exit(0)
+        now = time.monotonic()
+        events = self.sel.select(self._timeout(now))
+        now = time.monotonic()
+        for key, _mask in events:
+            tag = key.data
+            if tag == "wake":
+                self._drain_wakeups()
+            elif tag == "watch":
+                self._watch_event()
+            elif tag == "listen":
+                child = self._accept()
+                if child is not None:
+                    return child
+            else:
+                child = self._call_readable(tag)
+                if child is not None:
+                    return child
+        self._reap()
+        self._timers(now)
+        return None
+
+    def _drain_wakeups(self) -> None:
+        try:
+            data = os.read(self.wake_r, 4096)
+        except BlockingIOError:
+            return
+        for signum in data:
+            if signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+                self._begin_quit(f"got signal {signal.Signals(signum).name}")
+
+    def _timers(self, now: float) -> None:
+        for call in list(self.calls.values()):
+            if call.parser is not None and now >= call.deadline:
+                self.log.warning("rejected a connection: no complete request within "
+                                 f"{REQUEST_TIMEOUT:.0f}s")
+                self._drop(call)
+        for call in list(self.by_pid.values()):
+            if call.kill_at is not None and now >= call.kill_at:
+                call.kill_at = None
+                self._killpg(call.pid, signal.SIGKILL)
+        if (self.idle_timeout is not None and self.quitting is None and not self.calls
+                and not self.by_pid and now >= self.last_activity + self.idle_timeout):
+            self._begin_quit(f"idle for {self.idle_timeout:g}s")
+
+    def _begin_quit(self, why: str) -> None:
+        """Stop accepting; running calls are finished first; the watcher is released."""
+        if self.quitting is not None:
+            return
+        self.quitting = why
+        self._set_accepting(False)
+        if self.listen_sock is not None:
+            self.listen_sock.close()
+            self.listen_sock = None
+        for fd in (self.watch_in_fd, self.watch_err_fd):
+            if fd >= 0:
+                try:
+                    self.sel.unregister(fd)
+                except (KeyError, ValueError):
+                    pass
+                os.close(fd)
+        self.watch_in_fd = self.watch_err_fd = -1
+
+    def _set_accepting(self, on: bool) -> None:
+        on = on and self.quitting is None and self.listen_sock is not None
+        if on == self.accepting:
+            return
+        self.accepting = on
+        assert self.listen_sock is not None or not on
+        if on:
+            self.sel.register(self.listen_sock, selectors.EVENT_READ, "listen")
+        elif self.listen_sock is not None:
+            self.sel.unregister(self.listen_sock)
+
+    def _full(self) -> bool:
+        return 0 <= self.max_servers <= len(self.by_pid)
+
+    def _watch_event(self) -> None:
+        try:
+            data = os.read(self.watch_err_fd, 2048)
+        except BlockingIOError:
+            return
+        if data:
+            msg = data.decode("utf-8", "backslashreplace").strip()
+            self.log.error(f"watcher: {msg}")
+            self._begin_quit("watcher reported an error")
+        else:
+            self._begin_quit("lost socket (fresh start, --kill or cleanup)")
+
+    # ------------------------------------------------------------ connections
+
+    def _accept(self) -> Call | None:
+        assert self.listen_sock is not None
+        if self.autoreload is not None:
+            why = self.autoreload.stale()
+            if why is not None:
+                self.log.info(f"reloading: {why} changed since the server started")
+                self._begin_quit(f"stale ({why})")
+                return None
+        while self.accepting and not self._full():
+            try:
+                conn, _ = self.listen_sock.accept()
+            except BlockingIOError:
+                return None
+            except OSError as e:
+                self.log.warning(f"accept failed: {e}")
+                return None
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+            pid, uid, _gid = _PEERCRED.unpack(creds)
+            if uid != self.uid:
+                self.log.warning(f"refused a connection from uid {uid} (pid {pid}): "
+                                 f"this server serves uid {self.uid} only")
+                conn.close()
+                continue
+            self._add_call(conn)
+        return None
+
+    def _add_call(self, sock: socket.socket) -> None:
+        self.last_activity = time.monotonic()
+        sock.setblocking(False)
+        call = Call(sock, True, self.last_activity)
+        try:
+            sock.send(protocol.encode_greeting((protocol.X1_TOKEN,)))
+        except OSError as e:
+            if e.errno not in (errno.EPIPE, errno.ECONNRESET):
+                self.log.warning(f"sending greeting failed: {e}")
+            sock.close()
+            return
+        self.calls[sock] = call
+        self.sel.register(sock, selectors.EVENT_READ, sock)
+
+    def _drop(self, call: Call) -> None:
+        """Forget the connection (closing any fds it had delivered)."""
+        if call.parser is not None:
+            for fd in call.parser.fds:
+                os.close(fd)
+            call.parser = None
+        if call.sock is not None:
+            self.calls.pop(call.sock, None)
+            try:
+                self.sel.unregister(call.sock)
+            except (KeyError, ValueError):
+                pass
+            call.sock.close()
+            call.sock = None
+
+    def _call_readable(self, sock: socket.socket) -> Call | None:
+        call = self.calls.get(sock)
+        if call is None:
+            return None
+        maxfds = protocol.X1_FDS
+        try:
+            if call.parser is not None:
+                data, fds = fdio.recv_with_fds(sock, 65536, maxfds)
+            else:
+                data, fds = sock.recv(4096), []
+        except BlockingIOError:
+            return None
+        except (ConnectionResetError, ValueError, OSError) as e:
+            if call.parser is not None:
+                self.log.warning(f"rejected a call: receiving the request failed: {e}")
+            data, fds = b"", []
+        if call.parser is not None:
+            if not data and not fds:
+                if call.parser.buf or call.parser.fds:
+                    self.log.warning("rejected a call: the client closed the connection "
+                                     "before the request was complete")
+                self._drop(call)
+                return None
+            try:
+                req = call.parser.feed(data, fds)
+            except protocol.ProtocolError as e:
+                self.log.warning(f"rejected a call: {e}")
+                self._drop(call)
+                return None
+            if req is None:
+                return None
+            rest = call.parser.rest
+            call.parser = None
+            return self._start(call, req, rest)
+        if not data:
+            self._client_gone(call)
+            return None
+        if call.extended:
+            self._records(call, data)
+        return None
+
+    def _records(self, call: Call, data: bytes) -> None:
+        recs, call.pending = protocol.decode_records(call.pending + data)
+        for tag, value in recs:
+            if tag == protocol.REC_SIGNAL and call.pid:
+                if value in FORWARDABLE:
+                    self._killpg(call.pid, value)
+                else:
+                    self.log.warning(f"ignored a request to deliver signal {value}")
+
+    def _client_gone(self, call: Call) -> None:
+        """EOF on the call socket: the caller is gone; end its executor's process group."""
+        self.calls.pop(call.sock, None)  # type: ignore[arg-type]
+        try:
+            self.sel.unregister(call.sock)  # type: ignore[arg-type]
+        except (KeyError, ValueError):
+            pass
+        if call.pid:
+            self._killpg(call.pid, signal.SIGINT)
+            call.kill_at = time.monotonic() + KILL_GRACE
+        if call.sock is not None:
+            call.sock.close()
+            call.sock = None
+
+    def _killpg(self, pgid: int, sig: int) -> None:
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError as e:
+            self.log.warning(f"cannot signal process group {pgid}: {e}")
+
+    def _send(self, call: Call, data: bytes) -> None:
+        if call.sock is None:
+            return
+        try:
+            call.sock.setblocking(True)
+            call.sock.settimeout(5.0)
+            call.sock.sendall(data)
+        except OSError as e:
+            if e.errno not in (errno.EPIPE, errno.ECONNRESET):
+                self.log.warning(f"writing to client failed: {e}")
+        finally:
+            if call.sock is not None:
+                call.sock.setblocking(False)
+
+    # ------------------------------------------------------------ executors
+
+    def _start(self, call: Call, req: protocol.Request, rest: bytes) -> Call | None:
+        """Fork the executor for a complete request."""
+        if not self.threads_warned:
+            import threading
+
+            if threading.active_count() > 1:
+                self.threads_warned = True
+                self.log.warning(f"{threading.active_count()} threads alive at fork: only the "
+                                 "calling thread exists in executors (see README)")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            self._become_executor(call, req)
+            return call
+        try:
+            os.setpgid(pid, pid)
+        except (PermissionError, ProcessLookupError):
+            pass  # the child already did it (EACCES after its exec-free start) or is gone
+        for fd in req.fds:
+            os.close(fd)
+        call.pid = pid
+        call.extended = req.extended
+        self.by_pid[pid] = call
+        if self._full():
+            self._set_accepting(False)
+        if req.extended:
+            self._send(call, protocol.encode_record(protocol.REC_PID, pid))
+            if rest:
+                self._records(call, rest)
+        return None
+
+    def _become_executor(self, call: Call, req: protocol.Request) -> None:
+        """In the child: drop everything of the server's, then take on the call."""
+        try:
+            os.setpgid(0, 0)
+            executor.set_pdeathsig(signal.SIGKILL, self.prctl)
+            if os.getppid() == 1:
+                os._exit(1)
+            executor.restore_signals(self.saved_signals)
+            for other in list(self.calls.values()):
+                if other.sock is not None and other is not call:
+                    other.sock.close()
+            for other in self.by_pid.values():
+                if other.sock is not None:
+                    other.sock.close()
+            if call.sock is not None:
+                call.sock.close()
+                call.sock = None
+            if self.listen_sock is not None:
+                self.listen_sock.close()
+            self.sel.close()
+            self.log.close()
+            keep = set(self.keep_fds) | set(req.fds)
+            executor.close_fds_except(keep | {0, 1, 2})
+            executor.install_fds(req)
+            if req.umask is not None:
+                os.umask(req.umask)
+            skipped = executor.replace_environ(req.env)
+            executor.set_argv(req)
+            executor.rebuild_stdio(req.flags)
+            if skipped:
+                print(f"prefork: warning: environment entries with invalid names dropped: "
+                      f"{skipped!r}", file=sys.stderr)
+        except BaseException as e:  # noqa: BLE001 - the child must never run on as a server
+            try:
+                os.write(2, f"prefork: failed to set up the executor: {e!r}\n".encode())
+            finally:
+                os._exit(127)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG | os.WUNTRACED | os.WCONTINUED)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            call = self.by_pid.get(pid)
+            if call is None:
+                self.log.warning(f"reaped process {pid} that was not one of ours "
+                                 f"(status {status:#x})")
+                continue
+            if os.WIFSTOPPED(status):
+                if call.extended:
+                    self._send(call, protocol.encode_record(protocol.REC_STOPPED,
+                                                            os.WSTOPSIG(status)))
+                continue
+            if os.WIFCONTINUED(status):
+                if call.extended:
+                    self._send(call, protocol.encode_record(protocol.REC_CONTINUED, 0))
+                continue
+            del self.by_pid[pid]
+            self.last_activity = time.monotonic()
+            if os.WIFSIGNALED(status) and os.WTERMSIG(status) not in (
+                    signal.SIGPIPE, signal.SIGINT, signal.SIGKILL) and call.kill_at is None:
+                self.log.info(f"executor {pid} died of signal {os.WTERMSIG(status)}")
+            if call.sock is not None:
+                if call.extended:
+                    self._send(call, protocol.encode_record(protocol.REC_STATUS, status))
+                else:
+                    self._send(call, protocol.encode_status(status))
+                self.calls.pop(call.sock, None)
+                try:
+                    self.sel.unregister(call.sock)
+                except (KeyError, ValueError):
+                    pass
+                call.sock.close()
+                call.sock = None
+            call.kill_at = None
+            if not self._full():
+                self._set_accepting(True)
