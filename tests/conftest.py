@@ -367,7 +367,7 @@ def _leftovers() -> set[int]:
     left = find_processes(_SESSION_RUNDIRS)
     needle = re.compile(b"|".join(re.escape(os.fsencode(d)) for d in _SESSION_RUNDIRS))
     for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or []).encode()
+        cmd = os.fsencode(" ".join(p.info["cmdline"] or []))  # args may not be UTF-8
         if any(m in cmd for m in _MARKERS) and needle.search(cmd):
             left.add(p.info["pid"])
     return left - _protected_pids()

@@ -466,3 +466,37 @@ def test_foreground_missing_socket_is_exit_1(tmpdir_short: str) -> None:
     assert r.returncode == EXIT_ERROR
     assert r.stdout == b""
     assert r.stderr.decode() == f"prefork-watcher: {path}: No such file or directory\n"
+
+
+def test_polls_when_inotify_is_unavailable() -> None:
+    """Out of inotify instances, the watcher falls back to polling instead of failing
+    (a failing watcher would make its server quit at once)."""
+    d = tempfile.mkdtemp(prefix="pfwp", dir="/tmp")
+    path = os.path.join(d, "s")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    code = (
+        "import ctypes, sys\n"
+        "libc = ctypes.CDLL(None)\n"
+        "while libc.inotify_init1(0) >= 0: pass\n"  # use up every instance we may have
+        "sys.argv = ['prefork-watcher', sys.argv[1]]\n"
+        "from prefork.watcher.main import main\n"
+        "sys.exit(main())\n"
+    )
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-c", code, path], stdout=subprocess.PIPE,
+                            cwd=repo, env={**os.environ, "PYTHONPATH": repo})
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert b"polling" in first, first
+        os.unlink(path)
+        rest = proc.stdout.read()
+        assert proc.wait(timeout=10) == 0
+        assert b"socket path removed" in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        listener.close()
+        shutil.rmtree(d, ignore_errors=True)

@@ -1,8 +1,14 @@
 """prefork-interp: the client, used in ``#!`` lines.  This module is the hot path.
 
-It runs on every call, so it imports only low-level modules (``_socket``, ``_signal``,
-``select``, ``os``, ``sys``, ``_struct`` via the codec, ``_sha256`` via paths); the cold path
-(starting a server) lives in ``prefork.client.start`` and is imported only when needed.
+It runs on every call, so the warm path imports only modules built into the interpreter or
+small extension modules: ``_signal``, ``_socket``, ``posix``, ``select``, ``sys``, ``_sha2``
+(``_sha256`` before 3.12) and the codec (``prefork.common.protocol``, with ``_struct``).  Not
+even ``os``: importing it (and ``_collections_abc`` with it) costs more than a millisecond of
+the client's few.  So the warm path has lean copies of the run-directory check, the ident
+(``prefork.common.paths``) and fd passing (``prefork.common.fdio``); anything unusual (a run
+directory to create or refuse, an ident too long) goes to the full versions, which also word
+the errors, and tests check that both give the same answers.  The cold path (starting a
+server) lives in ``prefork.client.start`` and is imported only when needed.
 
 Usages (as the reference)::
 
@@ -17,11 +23,20 @@ from __future__ import annotations
 
 import _signal
 import _socket
-import os
+import posix
 import select
 import sys
 
-from prefork.common import fdio, paths, protocol
+from prefork.common import protocol
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+    from hashlib import sha256 as _sha256
+elif sys.version_info >= (3, 12):
+    from _sha2 import sha256 as _sha256
+else:
+    from _sha256 import sha256 as _sha256
 
 USAGE = """\
 usage: #!/usr/bin/prefork-interp -U[,OPTION..],INTERP[,INTERP-ARG..]
@@ -49,12 +64,17 @@ exit status: the script's own (or death by the same signal); 127 if prefork-inte
 
 EXIT_FAILED = 127
 
-#: Signals forwarded to the executor under extension x1 (catchable, sent by callers).
+#: Signals forwarded to the executor under extension x1: every signal a caller can send and
+#: a script can catch, but the synchronous faults (SIGSEGV, SIGBUS, SIGILL, SIGFPE: a
+#: handler for a real fault of the client's own would loop on the faulting instruction).
+#: SIGCHLD too: the client has no child left by then, so any it gets was sent to it.
 FORWARD = (
     _signal.SIGHUP, _signal.SIGINT, _signal.SIGQUIT, _signal.SIGUSR1, _signal.SIGUSR2,
     _signal.SIGPIPE, _signal.SIGALRM, _signal.SIGTERM, _signal.SIGCONT, _signal.SIGTSTP,
     _signal.SIGTTIN, _signal.SIGTTOU, _signal.SIGWINCH, _signal.SIGURG, _signal.SIGXCPU,
-    _signal.SIGXFSZ, _signal.SIGVTALRM, _signal.SIGPROF, _signal.SIGPWR,
+    _signal.SIGXFSZ, _signal.SIGVTALRM, _signal.SIGPROF, _signal.SIGPWR, _signal.SIGCHLD,
+    _signal.SIGABRT, _signal.SIGSYS, _signal.SIGTRAP, _signal.SIGIO, _signal.SIGSTKFLT,
+    *range(_signal.SIGRTMIN, _signal.SIGRTMAX + 1),
 )
 STOPS = (_signal.SIGTSTP, _signal.SIGTTIN, _signal.SIGTTOU)
 
@@ -100,13 +120,13 @@ def _parse_words(words: list[str], opts: Options, combined: bool) -> list[str]:
             elif w == "--help":
                 sys.stdout.write(USAGE)
                 sys.stdout.flush()
-                os._exit(0)
+                posix._exit(0)
             elif w == "--version":
                 from prefork import __version__
 
                 sys.stdout.write(f"prefork-interp (Python) {__version__}\n")
                 sys.stdout.flush()
-                os._exit(0)
+                posix._exit(0)
             else:
                 raise ClientError(f"unknown option {w}")
             i += 1
@@ -124,7 +144,7 @@ def _parse_words(words: list[str], opts: Options, combined: bool) -> list[str]:
                 if c == "g":
                     opts.ident = val
                 else:
-                    opts.ident_opts.append((c, os.fsencode(val)))
+                    opts.ident_opts.append((c, _fsencode(val)))
                 break
             if c == "U":
                 opts.mode = "U"
@@ -169,15 +189,180 @@ def parse_args(argv: list[str]) -> Options:
     return opts
 
 
+# ------------------------------------------------------------------ the warm path's helpers
+#
+# Lean copies of prefork.common.paths and prefork.common.fdio (see the module docstring):
+# tests/test_client_fastpath.py checks them against the originals.
+
+_FS_ENCODING = sys.getfilesystemencoding()
+_FS_ERRORS = sys.getfilesystemencodeerrors()
+_S_IFMT = 0o170000
+_S_IFDIR = 0o040000
+_FD_SIZE = 4
+
+
+def _fsencode(name: str) -> bytes:
+    """``os.fsencode`` for a ``str``."""
+    return name.encode(_FS_ENCODING, _FS_ERRORS)
+
+
+def _fsdecode(name: bytes) -> str:
+    """``os.fsdecode`` for ``bytes``."""
+    return name.decode(_FS_ENCODING, _FS_ERRORS)
+
+
+def _private_dir(path: bytes, uid: int) -> bool:
+    """Is ``path`` a real directory (not a symlink) of ours with no group/other access?"""
+    try:
+        st = posix.lstat(path)
+    except OSError:
+        return False
+    return st.st_mode & _S_IFMT == _S_IFDIR and st.st_uid == uid and not st.st_mode & 0o077
+
+
+def _read_small(path: bytes) -> bytes:
+    """A small file's contents (``/etc/passwd``, ``/proc`` files), with plain system calls."""
+    fd = posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := posix.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        posix.close(fd)
+
+
+def _passwd_home(uid: int) -> bytes | None:
+    """Our home directory from /etc/passwd, or None (left to ``paths``: NSS, NIS, errors)."""
+    want = b"%d" % uid
+    try:
+        data = _read_small(b"/etc/passwd")
+    except OSError:
+        return None
+    for line in data.split(b"\n"):
+        if line.startswith((b"+", b"-")):
+            return None
+        fields = line.split(b":")
+        if len(fields) >= 7 and fields[2] == want:
+            return fields[5]
+    return None
+
+
+def _fast_run_base(environ: Mapping[bytes, bytes]) -> str | None:
+    """``paths.run_base()`` when the run directory already exists and passes the check;
+    None when anything else is the case (then ``paths`` creates it, or words the refusal)."""
+    uid = posix.getuid()
+    override = environ.get(b"PREFORK_INTERP_RUNDIR")
+    if override:
+        if not override.startswith(b"/"):
+            return None
+        base = override.rstrip(b"/") or b"/"
+        return _fsdecode(base) if _private_dir(base, uid) else None
+    user_dir = b"/var/run/user/%d" % uid
+    try:
+        st = posix.lstat(user_dir)
+    except FileNotFoundError:
+        home = _passwd_home(uid)
+        if home is None:
+            return None
+        node = posix.uname().nodename.encode(_FS_ENCODING, _FS_ERRORS)
+        base = home + b"/.prefork-interp/" + node.split(b".", 1)[0][:32]
+    except OSError:
+        return None
+    else:
+        if not (st.st_mode & _S_IFMT == _S_IFDIR and st.st_uid == uid
+                and not st.st_mode & 0o077):
+            return None
+        base = user_dir + b"/prefork-interp"
+    return _fsdecode(base) if _private_dir(base, uid) else None
+
+
+def _run_base() -> str:
+    """The run base directory, checked (``paths.run_base``, fast when nothing is amiss)."""
+    base = _fast_run_base(posix.environ)
+    if base is not None:
+        return base
+    from prefork.common import paths
+
+    return paths.run_base()
+
+
+def _u64(n: int) -> bytes:
+    return n.to_bytes(8, "little")
+
+
+def _utsname_raw() -> bytes:
+    """The raw ``struct utsname`` of glibc, as ``paths._utsname_raw``."""
+    u = posix.uname()
+    try:
+        domain = _read_small(b"/proc/sys/kernel/domainname").removesuffix(b"\n")
+    except OSError:
+        domain = b"(none)"
+    fields = [_fsencode(f) for f in (u.sysname, u.nodename, u.release, u.version, u.machine)]
+    fields.append(domain)
+    return b"".join(f[:64].ljust(65, b"\0") for f in fields)
+
+
+def _compute_ident(base: str, interp: bytes, script: bytes | None,
+                   ident_opts: Sequence[tuple[str, bytes]], cwd: str | None,
+                   extra: Sequence[bytes]) -> str:
+    """``paths.compute_ident`` (the bytes of ``paths.ident_bytes``, sha256, cut)."""
+    length = min(64, 108 - len(_fsencode(base)) - 12)
+    if length < 33 or any(b"\0" in x for x in (interp, script or b"", *extra)) or any(
+            kind not in ("E", "G") or b"\0" in item for kind, item in ident_opts):
+        from prefork.common import paths  # words the error
+
+        return paths.compute_ident(base, interp, script, ident_opts, cwd=cwd, extra=extra)
+    parts = [b"\x01u", _u64(390), b"u", _utsname_raw()]
+    if cwd is not None:
+        st = posix.stat(cwd)
+        parts += [b".", _u64(st.st_dev), b"i", _u64(st.st_ino)]
+    st = posix.stat("/")
+    parts += [b"/", _u64(st.st_dev), b"i", _u64(st.st_ino)]
+    environ = posix.environ
+    for kind, item in ident_opts:
+        parts += [kind.encode(), item, b"\0"]
+        if kind == "E":
+            value = environ.get(item)
+            parts += [b"\0"] if value is None else [b"v", value, b"\0"]
+    parts += [b"i", interp, b"\0"]
+    if script is not None:
+        parts += [b"s", script, b"\0"]
+    for item in extra:
+        parts += [b"X", item, b"\0"]
+    return _sha256(b"".join(parts)).hexdigest()[:length]
+
+
+def _read_exactly(sock: _socket.socket, n: int) -> bytes:
+    """``fdio.read_exactly``: exactly ``n`` bytes; ``EOFError`` if the peer closes first."""
+    chunks = []
+    while n:
+        chunk = sock.recv(n)
+        if not chunk:
+            raise EOFError(f"connection closed with {n} bytes still expected")
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def _send_fds(sock: _socket.socket, data: bytes, fds: Sequence[int]) -> None:
+    """``fdio.send_fds``: ``data`` (at least one byte) carrying ``fds`` by SCM_RIGHTS."""
+    anc = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
+            b"".join(fd.to_bytes(_FD_SIZE, sys.byteorder) for fd in fds))]
+    sent = sock.sendmsg([data], anc)
+    if sent != len(data):
+        sock.sendall(data[sent:])
+
+
 # ------------------------------------------------------------------ connecting
 
 
 def _greeting(sock: _socket.socket) -> frozenset[bytes] | None:
     """Read the greeting; the offered extension tokens, or None if the server went away."""
     try:
-        head = fdio.read_exactly(sock, protocol.GREETING_HEAD.size)
+        head = _read_exactly(sock, protocol.GREETING_HEAD.size)
         xlen = protocol.decode_greeting_head(head)
-        xdata = fdio.read_exactly(sock, xlen) if xlen else b""
+        xdata = _read_exactly(sock, xlen) if xlen else b""
     except (EOFError, ConnectionResetError):
         return None
     except protocol.ProtocolError as e:
@@ -195,7 +380,7 @@ def try_connect(sock_path: str) -> tuple[_socket.socket, frozenset[bytes]] | Non
         return None
     except OSError as e:
         sock.close()
-        raise ClientError(f"connect to {sock_path}: {e.strerror}") from None
+        raise ClientError(f"connect to {sock_path}: {e.strerror or e}") from None
     offer = _greeting(sock)
     if offer is None:
         sock.close()
@@ -210,43 +395,43 @@ def _caller_env() -> list[bytes]:
     """The environment exactly as the caller passed it (``/proc/self/environ``: untouched
     by anything the interpreter did at start-up, such as locale coercion)."""
     try:
-        fd = os.open("/proc/self/environ", os.O_RDONLY | os.O_CLOEXEC)
+        fd = posix.open("/proc/self/environ", posix.O_RDONLY | posix.O_CLOEXEC)
     except OSError:
-        return [k + b"=" + v for k, v in os.environb.items()]
+        return [k + b"=" + v for k, v in posix.environ.items()]
     try:
         chunks = []
         while True:
-            chunk = os.read(fd, 65536)
+            chunk = posix.read(fd, 65536)
             if not chunk:
                 break
             chunks.append(chunk)
     finally:
-        os.close(fd)
+        posix.close(fd)
     data = b"".join(chunks)
     return [e for e in data.split(b"\0") if b"=" in e]
 
 
 def send_request(sock: _socket.socket, opts: Options, extended: bool, closed: int) -> None:
     """Send the call: signalling byte, fds, message (and the x1 extension block)."""
-    argv = [os.fsencode(opts.interp)]
+    argv = [_fsencode(opts.interp)]
     if opts.script is not None:
-        argv.append(os.fsencode(opts.script))
-    argv.extend(os.fsencode(a) for a in opts.args)
+        argv.append(_fsencode(opts.script))
+    argv.extend(_fsencode(a) for a in opts.args)
     env = _caller_env()
     if extended:
-        cwd_fd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        umask = os.umask(0o022)
-        os.umask(umask)
+        cwd_fd = posix.open(".", posix.O_PATH | posix.O_DIRECTORY | posix.O_CLOEXEC)
+        umask = posix.umask(0o022)
+        posix.umask(umask)
         try:
             sock.sendall(b"\x01")
-            fdio.send_fds(sock, b"\0", [0, 1, 2, cwd_fd])
+            _send_fds(sock, b"\0", [0, 1, 2, cwd_fd])
         finally:
-            os.close(cwd_fd)
-        sock.sendall(protocol.encode_request_x1_tail(env, argv, umask, closed, os.getpid()))
+            posix.close(cwd_fd)
+        sock.sendall(protocol.encode_request_x1_tail(env, argv, umask, closed, posix.getpid()))
     else:
         sock.sendall(b"\0")
         for fd in (0, 1, 2):
-            fdio.send_fds(sock, b"\0", [fd])
+            _send_fds(sock, b"\0", [fd])
         sock.sendall(protocol.encode_request_v1_tail(env, argv))
 
 
@@ -256,32 +441,42 @@ def _noop(signum: int, frame: object) -> None:
 
 def _x1_loop(sock: _socket.socket, wake_r: int) -> int:
     pending = b""
+    executor = 0
+    sock_fd = sock.fileno()
     while True:
-        ready = select.select([sock, wake_r], [], [])[0]
+        ready = select.select([sock_fd, wake_r], [], [])[0]
         if wake_r in ready:
             try:
-                sigs = os.read(wake_r, 512)
+                sigs = posix.read(wake_r, 512)
             except BlockingIOError:
                 sigs = b""
-            out = b"".join(protocol.encode_record(protocol.REC_SIGNAL, s) for s in sigs
-                           if s != _signal.SIGCHLD)
+            out = b"".join(protocol.encode_record(protocol.REC_SIGNAL, s) for s in sigs)
             if out:
                 try:
                     sock.sendall(out)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the final status (or EOF) is still to be read
-        if sock in ready:
+        if sock_fd in ready:
             try:
                 data = sock.recv(4096)
             except ConnectionResetError:
                 data = b""
             if not data:
+                if executor:
+                    # The executor died with its server (PR_SET_PDEATHSIG): leave nothing it
+                    # started behind either (its group is still there while any member is).
+                    try:
+                        posix.killpg(executor, _signal.SIGKILL)
+                    except OSError:
+                        pass
                 raise ClientError("the server went away during the call (was it killed?)")
             recs, pending = protocol.decode_records(pending + data)
             for tag, value in recs:
                 if tag == protocol.REC_STATUS:
                     return value
-                if tag == protocol.REC_STOPPED:
+                if tag == protocol.REC_PID:
+                    executor = value
+                elif tag == protocol.REC_STOPPED:
                     _stop_self(value)
 
 
@@ -291,7 +486,7 @@ def _stop_self(sig: int) -> None:
         sig = _signal.SIGSTOP
     else:
         _signal.signal(sig, _signal.SIG_DFL)
-    os.kill(os.getpid(), sig)
+    posix.kill(posix.getpid(), sig)
     if sig != _signal.SIGSTOP:
         _signal.signal(sig, _noop)
 
@@ -299,7 +494,7 @@ def _stop_self(sig: int) -> None:
 def wait_v1(sock: _socket.socket) -> int:
     """Read the final wait status (v1)."""
     try:
-        return protocol.decode_status(fdio.read_exactly(sock, 4))
+        return protocol.decode_status(_read_exactly(sock, 4))
     except (EOFError, ConnectionResetError):
         raise ClientError("monitor process quit unexpectedly (the server went away "
                           "during the call)") from None
@@ -307,10 +502,10 @@ def wait_v1(sock: _socket.socket) -> int:
 
 def propagate(status: int) -> None:
     """Exit as the executor did: same exit code, or death by the same signal."""
-    if os.WIFEXITED(status):
-        os._exit(os.WEXITSTATUS(status))
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
+    if posix.WIFEXITED(status):
+        posix._exit(posix.WEXITSTATUS(status))
+    if posix.WIFSIGNALED(status):
+        sig = posix.WTERMSIG(status)
         import resource
 
         try:
@@ -318,9 +513,10 @@ def propagate(status: int) -> None:
         except (ValueError, OSError):
             pass
         _signal.set_wakeup_fd(-1)
-        _signal.signal(sig, _signal.SIG_DFL)
-        _signal.pthread_sigmask(_signal.SIG_UNBLOCK, [sig])
-        os.kill(os.getpid(), sig)
+        if sig != _signal.SIGKILL:  # SIGKILL can be neither caught nor blocked
+            _signal.signal(sig, _signal.SIG_DFL)
+            _signal.pthread_sigmask(_signal.SIG_UNBLOCK, [sig])
+        posix.kill(posix.getpid(), sig)
         raise ClientError(f"script died of signal {sig}, which could not be passed on")
     raise ClientError(f"weird wait status {status:#x}")
 
@@ -334,38 +530,46 @@ def _fix_std_fds() -> int:
     closed = 0
     for fd in (0, 1, 2):
         try:
-            os.fstat(fd)
+            posix.fstat(fd)
         except OSError:
             closed |= 1 << fd
     if closed:
         for fd in (0, 1, 2):
             if closed & (1 << fd):
-                got = os.open(os.devnull, os.O_RDWR)
+                got = posix.open("/dev/null", posix.O_RDWR)
                 if got != fd:
-                    os.dup2(got, fd)
-                    os.close(got)
+                    posix.dup2(got, fd)
+                    posix.close(got)
+                else:  # open() made it close-on-exec: setup must find it there too
+                    posix.set_inheritable(fd, True)
     return closed
 
 
 def run(argv: list[str]) -> int:
     """Everything but the final propagation; returns the executor's wait status."""
     closed = _fix_std_fds()
-    _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
+    # Signals the caller ignores stay ignored, and are not forwarded: the executor copies
+    # our ignored set, as a direct run would have inherited it.  (Python itself ignores
+    # SIGPIPE and SIGXFSZ at start-up, so those two cannot tell, and are forwarded.)
+    ignored = {s for s in FORWARD if _signal.getsignal(s) == _signal.SIG_IGN}
+    ignored -= {_signal.SIGPIPE, _signal.SIGXFSZ}
+    if _signal.SIGINT not in ignored:
+        _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
     _signal.signal(_signal.SIGPIPE, _signal.SIG_DFL)
     opts = parse_args(argv)
-    base = paths.run_base()
+    base = _run_base()
     while True:
         if opts.ident is not None:
             ident = opts.ident
         else:
-            extra = [b"a" + os.fsencode(a) for a in opts.interp_args]
+            extra = [b"a" + _fsencode(a) for a in opts.interp_args]
             if opts.any_cwd:
                 extra.append(b"any-cwd")
-            ident = paths.compute_ident(
-                base, os.fsencode(opts.interp),
-                None if opts.script is None else os.fsencode(opts.script),
-                opts.ident_opts, cwd=None if opts.any_cwd else ".", extra=extra)
-        sock_path = paths.socket_path(base, ident)
+            ident = _compute_ident(
+                base, _fsencode(opts.interp),
+                None if opts.script is None else _fsencode(opts.script),
+                opts.ident_opts, None if opts.any_cwd else ".", extra)
+        sock_path = f"{base}/s{ident}"
         conn = None
         if not (opts.force or opts.kill):
             conn = try_connect(sock_path)
@@ -384,10 +588,11 @@ def run(argv: list[str]) -> int:
     if extended:
         # Install the forwarding handlers before the request goes out: signals that arrive
         # before the executor exists are queued on the wakeup pipe, not lost.
-        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        wake_r, wake_w = posix.pipe2(posix.O_NONBLOCK | posix.O_CLOEXEC)
         _signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         for sig in FORWARD:
-            _signal.signal(sig, _noop)
+            if sig not in ignored:
+                _signal.signal(sig, _noop)
         send_request(sock, opts, True, closed)
         return _x1_loop(sock, wake_r)
     send_request(sock, opts, False, closed)
@@ -401,18 +606,22 @@ def main() -> None:
         propagate(status)
     except ClientError as e:
         msg = f"prefork-interp: {e}\n"
-    except paths.RunDirError as e:
-        msg = f"prefork-interp: {e}\n"
     except (BrokenPipeError, ConnectionResetError) as e:
         msg = f"prefork-interp: the server went away during the call ({e.strerror})\n"
     except KeyboardInterrupt:
         _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
-        os.kill(os.getpid(), _signal.SIGINT)
+        posix.kill(posix.getpid(), _signal.SIGINT)
         msg = "prefork-interp: interrupted\n"
+    except Exception as e:
+        # paths.RunDirError, from the full run-directory code (imported only when used).
+        paths = sys.modules.get("prefork.common.paths")
+        if paths is None or not isinstance(e, paths.RunDirError):
+            raise
+        msg = f"prefork-interp: {e}\n"
     try:
-        os.write(2, msg.encode("utf-8", "backslashreplace"))
+        posix.write(2, msg.encode("utf-8", "backslashreplace"))
     finally:
-        os._exit(EXIT_FAILED)
+        posix._exit(EXIT_FAILED)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,17 @@ import select
 import sys
 import time
 
-from prefork.client.main import ClientError, Options, _greeting, try_connect
+from prefork.client.main import ClientError, Options, _caller_env, _greeting, try_connect
 from prefork.common import envspec, locking, paths
 
 SETUP_TIMEOUT_ENV = "PREFORK_INTERP_SETUP_TIMEOUT"
 WATCHER_ENV = "PREFORK_INTERP_WATCHER"
 DEFAULT_SETUP_TIMEOUT = 120.0
-#: Signals Python ignores at start-up; a spawned program must get them back at default.
-_RESET = (_signal.SIGPIPE, _signal.SIGXFSZ, _signal.SIGINT)
+_SUN_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path) on Linux
+#: Every signal back at its default in what we spawn: those Python ignores at start-up,
+#: and those our caller ignores (a server must not pass one caller's ignored signals on to
+#: every later call: executors take each call's own from its client).
+_RESET = tuple(_signal.valid_signals() - {_signal.SIGKILL, _signal.SIGSTOP})
 
 
 def _setup_timeout() -> float:
@@ -69,6 +72,10 @@ def connect_or_start(opts: Options, base: str, ident: str, sock_path: str
     With ``--kill``: remove the socket and the lock (the watcher then stops the server) and
     exit 0.
     """
+    size = len(os.fsencode(sock_path))
+    if size > _SUN_PATH_MAX:  # e.g. a long -g IDENT; say so before touching any file
+        raise ClientError(f"socket path {sock_path} is too long for an AF_UNIX address "
+                          f"({size} bytes; at most {_SUN_PATH_MAX})")
     paths.preclean(base)
     lock_path = paths.lock_path(base, ident)
     lock_fd = locking.lock_file(lock_path)
@@ -95,12 +102,12 @@ def _bind(sock_path: str) -> tuple[_socket.socket, int]:
     except FileNotFoundError:
         pass
     listen_sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
-    old = os.umask(0o077)
+    old = os.umask(0o177)  # the socket file: 0600, like the lock (x means nothing on it)
     try:
         listen_sock.bind(sock_path)
     except OSError as e:
         listen_sock.close()
-        raise ClientError(f"bind {sock_path}: {e.strerror}") from None
+        raise ClientError(f"bind {sock_path}: {e.strerror or e}") from None
     finally:
         os.umask(old)
     birth_ns = os.stat(sock_path).st_mtime_ns
@@ -154,8 +161,23 @@ def _wait_readable(fd: int, deadline: float) -> bool:
     return bool(select.select([fd], [], [], left)[0])
 
 
+def _warn_fallback(sock_path: str) -> None:
+    """Say so when the per-user run directory was refused and the home directory is used
+    instead (once per server start: warm calls stay silent)."""
+    if os.environ.get(paths.RUNDIR_ENV):
+        return
+    base, reason = paths.run_base_with_reason()
+    if reason is not None and sock_path.startswith(base + "/"):
+        try:
+            os.write(2, f"prefork-interp: warning: {reason}; using {base} instead\n"
+                     .encode("utf-8", "backslashreplace"))
+        except OSError:
+            pass
+
+
 def _start(opts: Options, sock_path: str) -> tuple[_socket.socket, frozenset[bytes]]:
     timeout = _setup_timeout()
+    _warn_fallback(sock_path)
     listen_sock, birth_ns = _bind(sock_path)
     passed: list[int] = []
     call_client = None
@@ -172,7 +194,9 @@ def _start(opts: Options, sock_path: str) -> tuple[_socket.socket, frozenset[byt
         fds = (listen_fd, call_fd, watch_in_w, watch_err_r)
         for fd in fds:
             os.set_inheritable(fd, True)
-        env = dict(os.environb)
+        # The caller's environment exactly (not os.environ: the client's own start-up may
+        # have changed it, e.g. LC_CTYPE from C-locale coercion), plus PREFORK_INTERP.
+        env = dict(e.split(b"=", 1) for e in _caller_env())
         env[envspec.ENV_NAME.encode()] = envspec.build(
             birth_ns // 1_000_000_000, birth_ns % 1_000_000_000, *fds).encode()
         argv = [opts.interp, *opts.interp_args]
@@ -202,6 +226,14 @@ def _start(opts: Options, sock_path: str) -> tuple[_socket.socket, frozenset[byt
             if os.WIFEXITED(status) or os.WIFSIGNALED(status):
                 from prefork.client.main import propagate
 
+                # The script's own traceback is already on the caller's stderr: say what it
+                # means, then exit as the script did.
+                try:
+                    os.write(2, f"prefork-interp: setup failed: the script ended "
+                                f"({_describe(status)}) before prefork.initialisation_complete() "
+                                f"made it a server\n".encode())
+                except OSError:
+                    pass
                 propagate(status)
             raise ClientError(f"setup failed ({_describe(status)})")
         if not _wait_readable(call_client.fileno(), deadline):
@@ -216,6 +248,9 @@ def _start(opts: Options, sock_path: str) -> tuple[_socket.socket, frozenset[byt
         result = call_client
         call_client = None
         return result, offer
+    except ClientError:
+        _unlink_quietly(sock_path)  # e.g. the interpreter or watcher could not be spawned
+        raise
     finally:
         for fd in passed:
             os.close(fd)

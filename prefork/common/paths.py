@@ -346,7 +346,9 @@ def preclean(base: str, max_sockets: int = MAX_SOCKETS) -> int:
     left alone); its age is the socket's atime (0 if there is no socket). Each is deleted
     under its lock, and only if the atime has not changed since the listing (a client used it
     meanwhile). Unlike the reference, which deletes ``max_sockets`` entries at once, only the
-    excess goes. Returns the number of idents deleted.
+    excess goes; and an entry whose socket a server still listens on is never deleted (its
+    atime says little: relatime updates it at most daily) -- the next oldest goes instead.
+    Returns the number of idents deleted.
     """
     if max_sockets < 0:
         raise ValueError(f"max_sockets must be >= 0, not {max_sockets}")
@@ -359,7 +361,16 @@ def preclean(base: str, max_sockets: int = MAX_SOCKETS) -> int:
     if excess <= 0:
         return 0
     by_age = sorted((_socket_atime(base, ident), ident) for ident in idents)
-    return sum(_delete_entry(base, ident, atime) for atime, ident in by_age[:excess])
+    deleted = 0
+    for atime, ident in by_age:
+        if excess <= 0:
+            break
+        outcome = _delete_entry(base, ident, atime)
+        if outcome is None:
+            continue  # a live server: in use whatever its atime says; try the next oldest
+        excess -= 1
+        deleted += outcome
+    return deleted
 
 
 def _is_entry_name(name: str) -> bool:
@@ -375,13 +386,18 @@ def _socket_atime(base: str, ident: str) -> int:
         return 0
 
 
-def _delete_entry(base: str, ident: str, atime: int) -> bool:
-    """Under the entry's lock, delete socket and lock file if the socket's atime is ``atime``."""
+def _delete_entry(base: str, ident: str, atime: int) -> bool | None:
+    """Under the entry's lock, delete socket and lock file if the socket's atime is ``atime``.
+
+    Returns whether it deleted them, or None (nothing deleted) when a server listens there.
+    """
     lock = lock_path(base, ident)
     fd = lock_file(lock)
     try:
         if _socket_atime(base, ident) != atime:
             return False  # used since we listed it: keep it
+        if _listening(socket_path(base, ident)):
+            return None
         for path in (socket_path(base, ident), lock):
             try:
                 os.unlink(path)
@@ -390,3 +406,21 @@ def _delete_entry(base: str, ident: str, atime: int) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+def _listening(path: str) -> bool:
+    """Whether a server listens on the socket at ``path``: a connect succeeds, or fails only
+    because the backlog is full.  (The server takes the probe for a client gone at once.)"""
+    import _socket  # cold path only: preclean runs before starting a server
+
+    sock = _socket.socket(_socket.AF_UNIX,
+                          _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC | _socket.SOCK_NONBLOCK)
+    try:
+        sock.connect(path)
+    except BlockingIOError:
+        return True  # EAGAIN: listening, backlog full
+    except OSError:
+        return False  # ECONNREFUSED (nobody listens; or not a socket), ENOENT, ...
+    finally:
+        sock.close()
+    return True

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
 _extra_reload_paths: list[str] = []
+_server: object = None  # the Server, never freed (see _serve)
 
 #: Exit status of a setup that cannot become a server (as the reference's ``fail_log``).
 SETUP_FAILED = 127
@@ -81,24 +82,31 @@ def initialisation_complete(*, max_servers: int = 4, idle_timeout: float | None 
         return
     del os.environ[envspec.ENV_NAME]
     try:
-        _serve(spec, max_servers, idle_timeout, autoreload, list(autoreload_extra), log)
-        if fast_exit:
-            from prefork.server import fastexit
+        fast = _serve(spec, max_servers, idle_timeout, autoreload, list(autoreload_extra),
+                      log, fast_exit)
+        from prefork.server import fastexit
 
-            fastexit.install()
+        if not fast:
+            fastexit.full_teardown_at_exit()
     except PreforkSetupError as e:
         _fail(str(e))
 
 
 def _serve(spec: object, max_servers: int, idle_timeout: float | None, autoreload: bool,
-           extra: list[str], log_target: str | None) -> None:
+           extra: list[str], log_target: str | None, fast_exit: bool) -> bool:
+    """Become the server; returns in each executor, saying whether its fast exit is armed."""
     import ctypes
+    import locale  # noqa: F401 - for executors (see below)
     import socket
 
     from prefork.common import envspec
     from prefork.server import autoreload as ar
+    from prefork.server import fastexit
     from prefork.server.log import ServerLog
     from prefork.server.loop import Server
+
+    # locale (rebuilding stdio) is imported here, once, for the executors: an import in
+    # every executor would cost more than all the rest of its set-up.
 
     assert isinstance(spec, envspec.EnvSpec)
     _check_fd(spec.listen, "LISTEN", True)
@@ -124,14 +132,24 @@ def _serve(spec: object, max_servers: int, idle_timeout: float | None, autoreloa
     reload = None
     if autoreload:
         reload = ar.Autoreload(spec.birth_ns, [*ar.module_files(), *_extra_reload_paths, *extra])
+    libc: ctypes.CDLL | None
     try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
     except (OSError, AttributeError):
-        prctl = None
+        libc = prctl = None
     if idle_timeout is not None and idle_timeout < 0:
         idle_timeout = None
     sys.stdout.flush()
     sys.stderr.flush()
+    # Threads must be counted here: after the fork below only this one exists.
+    threading = sys.modules.get("threading")
+    if threading is not None and threading.active_count() > 1:
+        names = ", ".join(t.name for t in threading.enumerate()
+                          if t is not threading.current_thread())
+        log.warning(f"{threading.active_count()} threads alive at fork: only the calling "
+                    f"thread exists in the server and its executors (others: {names}; see "
+                    "README)")
 
     # setup [1] -> setup [2] exits 0 (prefork-interp waits for it); server carries on.
     if os.fork():
@@ -150,8 +168,21 @@ def _serve(spec: object, max_servers: int, idle_timeout: float | None, autoreloa
                         keep_fds=keep, script=script, prctl=prctl)
         import gc
 
+        from prefork.server.fastexit import remember_open_files
+
+        # The fast exit is armed once, here, for all executors (not in each of them).
+        fast = fast_exit and fastexit.install()
         gc.collect()
+        remember_open_files()
         gc.freeze()
+        # glibc returns the heap's free pages to the kernel: fewer to copy at every fork.
+        trim = getattr(libc, "malloc_trim", None)
+        if trim is not None:
+            trim(0)
+        # Kept referenced for good: in an executor, run() returns and dropping the server
+        # would free its objects one by one (every one written to, so copied).
+        global _server
+        _server = server
         server.run()
     except BaseException as e:  # noqa: BLE001 - the server must end in _exit, whatever happens
         # run() returns only in executors (which never raise out of it): this is the server.
@@ -159,6 +190,7 @@ def _serve(spec: object, max_servers: int, idle_timeout: float | None, autoreloa
         os._exit(1)
     # Only executors get here.
     _title(" ".join(os.fsdecode(a) for a in [sys.executable, *sys.argv]))
+    return fast
 
 
 def _title(title: str) -> None:
@@ -166,4 +198,6 @@ def _title(title: str) -> None:
         import setproctitle
     except ImportError:
         return
-    setproctitle.setproctitle(title)
+    # Arguments may hold bytes that are not UTF-8 (surrogate escapes): setproctitle wants
+    # encodable text, and a process title must never fail a call.
+    setproctitle.setproctitle(os.fsencode(title).decode("utf-8", "replace"))

@@ -8,8 +8,10 @@ as CPython builds them, signal handlers as the script had them, no fd of the ser
 
 from __future__ import annotations
 
+import _signal
 import io
 import os
+import resource
 import signal
 import sys
 
@@ -21,84 +23,179 @@ if TYPE_CHECKING:
 
 
 def replace_environ(env: list[tuple[bytes, bytes]]) -> list[bytes]:
-    """Make ``os.environ`` (and the C ``environ``) exactly ``env``; return names skipped."""
+    """Make ``os.environ`` (and the C ``environ``) exactly ``env``, in its order; return
+    names skipped.
+
+    Calls usually bring the names the server already has, in the same order (the same
+    user's environment): then only the values that differ are set, each a ``putenv`` that
+    keeps its place; otherwise everything is replaced.
+    """
     skipped = []
-    environb = os.environb
-    for name in list(environb):
-        del environb[name]
+    want = []
     for name, value in env:
         if not name or b"\0" in name or b"=" in name:
             skipped.append(name)
             continue
+        want.append((name, value))
+    environb = os.environb
+    if list(environb) == [name for name, _ in want]:
+        for name, value in want:
+            if environb[name] != value:
+                environb[name] = value
+        return skipped
+    for name in list(environb):
+        del environb[name]
+    for name, value in want:
         environb[name] = value
     return skipped
 
 
-def _io_encoding(environ: dict[str, str]) -> tuple[str | None, str | None]:
-    """(encoding, errors) from PYTHONIOENCODING, as CPython reads it at start-up."""
-    spec = environ.get("PYTHONIOENCODING", "")
-    if sys.flags.ignore_environment or not spec:
-        return None, None
-    enc, _, err = spec.partition(":")
-    return enc or None, err or None
+#: Locales CPython coerces the C locale to (PEP 538), in its order of preference.
+_COERCION_TARGETS = ("C.UTF-8", "C.utf8", "UTF-8")
+_COERCION_WARNING = ("Python detected LC_CTYPE=C: LC_CTYPE coerced to {} (set another locale "
+                     "or PYTHONCOERCECLOCALE=0 to disable this locale coercion behavior).\n")
+_C_LOCALE_WARNING = ("Python runtime initialized with LC_CTYPE=C (a locale with default ASCII "
+                     "encoding), which may cause Unicode compatibility problems. Using C.UTF-8, "
+                     "C.utf8, or UTF-8 (if available) as alternative Unicode-compatible locales "
+                     "is recommended.\n")
 
 
-def _locale_encoding() -> tuple[str, bool]:
-    """The locale's encoding for the new environment, and whether it is the C/POSIX locale."""
+def _startup_env(name: str) -> str | None:
+    """A start-up setting from the (new) environment as CPython reads one: ignored under
+    ``-E``/``-I``, and an empty value counts as unset."""
+    if sys.flags.ignore_environment:
+        return None
+    return os.environ.get(name) or None
+
+
+def configure_locale() -> tuple[bool, str]:
+    """Set LC_CTYPE from the caller's environment as a fresh interpreter does at start-up:
+    the C locale is coerced to a UTF-8 locale, which also puts ``LC_CTYPE`` in the
+    environment (PEP 538), and UTF-8 mode is decided for this call (PEP 540).
+
+    Returns ``(utf8_mode, LC_CTYPE locale name)``.  ``sys.flags.utf8_mode`` itself, the
+    filesystem encoding and the default encoding of ``open()`` stay the server's.
+    """
     import locale
 
-    if sys.flags.utf8_mode:
-        return "utf-8", False
-    try:
-        name = locale.setlocale(locale.LC_CTYPE, "")
-    except locale.Error:
-        name = locale.setlocale(locale.LC_CTYPE, None)
-    enc = locale.getencoding() if hasattr(locale, "getencoding") else \
-        locale.getpreferredencoding(False)
-    return enc, name in ("C", "POSIX")
+    def from_env() -> str:
+        try:
+            return locale.setlocale(locale.LC_CTYPE, "")
+        except locale.Error:
+            return locale.setlocale(locale.LC_CTYPE, "C")
+
+    ctype = from_env()
+    setting = _startup_env("PYTHONUTF8")
+    if "utf8" in sys._xoptions:
+        utf8 = bool(sys.flags.utf8_mode)
+    elif setting in ("0", "1"):
+        utf8 = setting == "1"
+    else:
+        utf8 = ctype in ("C", "POSIX")
+    coerce = _startup_env("PYTHONCOERCECLOCALE")
+    if coerce != "0" and ctype == "C" and not os.environ.get("LC_ALL"):
+        for target in _COERCION_TARGETS:
+            try:
+                locale.setlocale(locale.LC_CTYPE, target)
+            except locale.Error:
+                continue
+            if not locale.nl_langinfo(locale.CODESET):
+                continue
+            os.environ["LC_CTYPE"] = target
+            ctype = from_env()
+            if coerce == "warn":
+                os.write(2, _COERCION_WARNING.format(target).encode())
+            break
+        else:
+            locale.setlocale(locale.LC_CTYPE, "C")
+    if coerce == "warn" and ctype == "C":
+        os.write(2, _C_LOCALE_WARNING.encode())
+    return utf8, ctype
+
+
+def stdio_encoding(utf8: bool, ctype: str) -> tuple[str, str]:
+    """(encoding, errors) of stdin/stdout as CPython's ``config_init_stdio_encoding``
+    chooses them: PYTHONIOENCODING, then UTF-8 mode, then the LC_CTYPE locale; the encoding
+    is normalised to its codec name."""
+    import codecs
+    import locale
+
+    encoding = errors = None
+    spec = _startup_env("PYTHONIOENCODING")
+    if spec is not None:
+        enc, _, err = spec.partition(":")
+        errors = err or None
+        if enc:
+            encoding = enc
+            errors = errors or "strict"
+    if encoding is None:
+        encoding = "utf-8" if utf8 else (locale.nl_langinfo(locale.CODESET) or "utf-8")
+    if errors is None:
+        lenient = utf8 or ctype in ("C", "POSIX") or ctype in _COERCION_TARGETS
+        errors = "surrogateescape" if lenient else "strict"
+    return codecs.lookup(encoding).name, errors
 
 
 def make_stdio(fd: int, write: bool, encoding: str, errors: str, unbuffered: bool,
-               is_stderr: bool = False) -> io.TextIOWrapper:
-    """A text stream on ``fd`` built like CPython's ``create_stdio``."""
+               name: str) -> io.TextIOWrapper:
+    """A text stream on ``fd`` built like CPython's ``create_stdio`` (``name`` is
+    ``"<stdin>"``, ``"<stdout>"`` or ``"<stderr>"``)."""
     buffering = 0 if (unbuffered and write) else -1
-    buf = io.open(fd, "wb" if write else "rb", buffering, closefd=False)  # noqa: SIM115
-    line_buffering = False
-    if not unbuffered:
-        try:
-            line_buffering = is_stderr or os.isatty(fd)
-        except OSError:
-            line_buffering = is_stderr
-    stream = io.TextIOWrapper(buf, encoding, errors, "\n", line_buffering,  # type: ignore[arg-type]
-                              unbuffered and write)
+    buf = open(fd, "wb" if write else "rb", buffering, closefd=False)  # noqa: SIM115
+    raw = buf if buffering == 0 else buf.raw  # type: ignore[attr-defined]
+    raw.name = name  # type: ignore[misc]
+    line_buffering = not unbuffered and (fd == 2 or raw.isatty())
+    stream = io.TextIOWrapper(buf, encoding, errors, "\n", line_buffering, unbuffered)
     stream.mode = "w" if write else "r"  # type: ignore[misc]
     return stream
 
 
+def interpreter_options(orig_argv: list[str]) -> list[str]:
+    """The interpreter's own options in an ``orig_argv`` (the words before the script)."""
+    opts: list[str] = []
+    i = 1
+    while i < len(orig_argv):
+        arg = orig_argv[i]
+        if arg == "-" or not arg.startswith("-"):
+            break
+        opts.append(arg)
+        i += 1
+        if arg == "--":
+            break
+        if arg.startswith("--"):
+            if arg == "--check-hash-based-pycs" and i < len(orig_argv):
+                opts.append(orig_argv[i])
+                i += 1
+            continue
+        for j, letter in enumerate(arg[1:], 1):
+            if letter in "cmWX":
+                if j == len(arg) - 1 and i < len(orig_argv):
+                    opts.append(orig_argv[i])
+                    i += 1
+                break
+    return opts
+
+
 def _interpreter_unbuffered() -> bool:
     """Was the interpreter itself started with ``-u``?  (``sys.flags`` does not say.)"""
-    for arg in getattr(sys, "orig_argv", [])[1:]:
-        if arg == "--" or not arg.startswith("-") or arg.startswith("--"):
-            break
-        if arg in ("-c", "-m") or arg.startswith(("-W", "-X")):
-            break
-        if "u" in arg[1:]:
-            return True
+    for arg in interpreter_options(getattr(sys, "orig_argv", [])):
+        if arg.startswith("-") and not arg.startswith("--"):
+            letters = arg[1:]
+            for stop in "cmWX":
+                letters = letters.split(stop, 1)[0]
+            if "u" in letters:
+                return True
     return False
 
 
 def rebuild_stdio(closed_flags: int) -> None:
-    """Re-create sys.stdin/stdout/stderr for fds 0/1/2 and the current os.environ."""
-    environ = dict(os.environ)
-    enc_override, err_override = _io_encoding(environ)
-    loc_enc, c_locale = _locale_encoding()
-    encoding = enc_override or loc_enc
-    strict = "surrogateescape" if (c_locale or sys.flags.utf8_mode) else "strict"
-    errors = err_override or strict
-    unbuffered = _interpreter_unbuffered() or (
-        not sys.flags.ignore_environment and bool(environ.get("PYTHONUNBUFFERED")))
+    """Re-create sys.stdin/stdout/stderr for fds 0/1/2 and the current os.environ, as a
+    fresh interpreter started with this environment would (``create_stdio``)."""
+    utf8, ctype = configure_locale()
+    encoding, errors = stdio_encoding(utf8, ctype)
+    unbuffered = _interpreter_unbuffered() or _startup_env("PYTHONUNBUFFERED") is not None
     streams: list[io.TextIOWrapper | None] = []
-    for fd, write in ((0, False), (1, True), (2, True)):
+    for fd, write, name in ((0, False, "<stdin>"), (1, True, "<stdout>"), (2, True, "<stderr>")):
         if closed_flags & (1 << fd):
             streams.append(None)
             continue
@@ -107,9 +204,9 @@ def rebuild_stdio(closed_flags: int) -> None:
         except OSError:
             streams.append(None)
             continue
-        err = (err_override or "backslashreplace") if fd == 2 else errors
-        streams.append(make_stdio(fd, write, encoding, err, unbuffered, fd == 2))
-    sys.stdin, sys.stdout, sys.stderr = streams  # type: ignore[assignment]
+        err = "backslashreplace" if fd == 2 else errors
+        streams.append(make_stdio(fd, write, encoding, err, unbuffered, name))
+    sys.stdin, sys.stdout, sys.stderr = streams
     sys.__stdin__, sys.__stdout__, sys.__stderr__ = streams  # type: ignore[misc]
 
 
@@ -132,19 +229,17 @@ def install_fds(req: protocol.Request) -> None:
 
 
 def close_fds_except(keep: Iterable[int]) -> None:
-    """Close every fd not in ``keep`` (the server's leftovers nobody owns an object for)."""
-    keep = set(keep)
-    try:
-        names = os.listdir("/proc/self/fd")
-    except OSError:
-        names = [str(n) for n in range(3, 1024)]
-    for name in names:
-        fd = int(name)
-        if fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+    """Close every fd not in ``keep`` (the server's leftovers nobody owns an object for).
+
+    ``os.closerange`` over the gaps between the kept fds and above the last one up to the
+    fd limit: one ``close_range`` system call each (Linux >= 5.9), no ``/proc`` listing.
+    """
+    low = 0
+    for fd in sorted(set(keep)):
+        if fd > low:
+            os.closerange(low, fd)
+        low = max(low, fd + 1)
+    os.closerange(low, max(os.sysconf("SC_OPEN_MAX"), low))
 
 
 def set_pdeathsig(sig: int, prctl: Callable[..., int] | None) -> None:
@@ -154,22 +249,104 @@ def set_pdeathsig(sig: int, prctl: Callable[..., int] | None) -> None:
 
 
 def restore_signals(saved: dict[int, object]) -> None:
-    """Give back the dispositions the script had before initialisation_complete()."""
+    """Give back the dispositions the script had before initialisation_complete().  (Every
+    signal is blocked meanwhile: the server unblocks them when the executor is ready.)"""
     signal.set_wakeup_fd(-1)
     for sig, handler in saved.items():
+        if isinstance(handler, int):  # signal.Handlers.SIG_DFL/SIG_IGN: _signal wants its own
+            handler = _signal.SIG_IGN if handler == _signal.SIG_IGN else _signal.SIG_DFL
         try:
-            signal.signal(sig, handler)  # type: ignore[arg-type]
+            # _signal: signal.signal would turn the old handler into an enum member.
+            _signal.signal(sig, handler)
         except (OSError, ValueError, TypeError):
             pass
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def _python_default(sig: int) -> object:
+    """The disposition Python gives ``sig`` at start-up when the caller left it at default."""
+    if sig == signal.SIGINT:
+        return signal.default_int_handler
+    if sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        return signal.SIG_IGN
+    return signal.SIG_DFL
+
+
+_RLIMITS = tuple(getattr(resource, n) for n in (
+    "RLIMIT_AS", "RLIMIT_CORE", "RLIMIT_CPU", "RLIMIT_DATA", "RLIMIT_FSIZE", "RLIMIT_LOCKS",
+    "RLIMIT_MEMLOCK", "RLIMIT_MSGQUEUE", "RLIMIT_NICE", "RLIMIT_NOFILE", "RLIMIT_NPROC",
+    "RLIMIT_RSS", "RLIMIT_RTPRIO", "RLIMIT_RTTIME", "RLIMIT_SIGPENDING", "RLIMIT_STACK",
+) if hasattr(resource, n))
+
+
+def inherit_from_client(pid: int) -> list[int]:
+    """Take on what a direct run would have inherited from the caller across exec, read off
+    the client (which inherited it from that caller): ignored signals, resource limits, nice
+    value, CPU affinity.  Returns the caller's blocked signals, for the final mask.
+
+    Best effort: what cannot be read or set (a limit above the server's hard limit, a higher
+    priority without privilege) stays the server's.  A signal the script gave a handler of
+    its own before initialisation keeps it, as it would have directly.
+    """
+    if pid <= 0:
+        return []
+    try:
+        fd = os.open(f"/proc/{pid}/status", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            status = os.read(fd, 65536)
+        finally:
+            os.close(fd)
+    except OSError:
+        return []
+    masks = {}
+    for line in status.splitlines():
+        key, _, value = line.partition(b":")
+        if key in (b"SigIgn", b"SigBlk"):
+            masks[key] = int(value.strip(), 16)
+    for sig in _signals_in(masks.get(b"SigIgn", 0)):
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        try:
+            if signal.getsignal(sig) == _python_default(sig):
+                signal.signal(sig, signal.SIG_IGN)
+        except (OSError, ValueError):
+            pass
+    for res in _RLIMITS:
+        try:
+            want = resource.prlimit(pid, res)
+            have = resource.getrlimit(res)
+            if want != have:
+                resource.setrlimit(res, want)
+        except (OSError, ValueError):
+            pass
+    try:
+        nice = os.getpriority(os.PRIO_PROCESS, pid)
+        if nice != os.getpriority(os.PRIO_PROCESS, 0):
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+    except OSError:
+        pass
+    try:
+        cpus = os.sched_getaffinity(pid)
+        if cpus != os.sched_getaffinity(0):
+            os.sched_setaffinity(0, cpus)
+    except OSError:
+        pass
+    return _signals_in(masks.get(b"SigBlk", 0))
+
+
+def _signals_in(mask: int) -> list[int]:
+    """The signal numbers of a /proc signal mask (bit n-1 is signal n)."""
+    return [n + 1 for n in range(mask.bit_length()) if mask >> n & 1]
 
 
 def set_argv(req: protocol.Request) -> None:
-    """``sys.argv == [script, *args]`` as in a direct run (the message starts with interp)."""
+    """``sys.argv == [script, *args]`` as in a direct run (the message starts with interp);
+    ``sys.orig_argv`` keeps the server's interpreter options (they are part of its ident)."""
     argv = [os.fsdecode(a) for a in req.argv]
+    orig = getattr(sys, "orig_argv", None)
+    opts = interpreter_options(orig) if orig is not None else []
     sys.argv[:] = argv[1:] if len(argv) > 1 else [""]
-    if hasattr(sys, "orig_argv"):
+    if orig is not None:
         try:
-            sys.orig_argv[:] = argv
+            orig[:] = [*argv[:1], *opts, *argv[1:]]
         except TypeError:
             pass

@@ -4,18 +4,29 @@ A normal interpreter shutdown in the executor decrements the reference count of 
 the server built (modules are cleared one by one), and copy-on-write then copies the whole
 heap page by page: tens to hundreds of milliseconds for a big server.  Instead, when the
 outermost Python frame of the executor returns or unwinds (``sys.monitoring``, Python 3.12+),
-we do what ``Py_FinalizeEx`` does that anyone can observe, and ``os._exit``:
+we do what the rest of ``Py_RunMain`` does that anyone can observe, in its order, and
+``os._exit``:
 
-1. the exit status as CPython computes it (``SystemExit`` code, traceback + 1, or
-   ``KeyboardInterrupt`` → traceback + death by SIGINT);
-2. wait for non-daemon threads (``threading._shutdown``);
-3. run ``atexit`` handlers (this includes ``weakref.finalize`` and ``logging.shutdown``);
-4. release objects the script's ``__main__`` created during the call and collect cycles, so
-   their ``__del__`` methods run; flush every open file object created since the fork
-   (unclosed files keep their data, as after a direct run);
-5. flush stdout/stderr; a failing flush prints ``Exception ignored ...`` and gives 120.
+1. ``flush_io``: flush stderr and stdout, errors ignored;
+2. ``PyErr_Print``: the traceback through ``sys.excepthook`` (``sys.last_exc`` set), or a
+   ``SystemExit``'s status and message; exit status 1 after an exception;
+3. wait for non-daemon threads (``threading._shutdown``);
+4. run ``atexit`` handlers (this includes ``weakref.finalize`` and ``logging.shutdown``);
+5. flush stdout/stderr (a failure: ``Exception ignored ...`` through
+   ``sys.unraisablehook``, status 120);
+6. the teardown a direct run would see: release the objects ``__main__`` created during the
+   call and collect cycles, so their ``__del__`` methods run; flush every open file object,
+   those created since the fork and those open when the server froze its heap (unclosed
+   files keep their data); flush stdout/stderr again;
+7. after an uncaught ``KeyboardInterrupt`` (exactly that type): death by SIGINT.
 
-On Python 3.11 (no ``sys.monitoring``) the executor ends with the normal shutdown.
+Objects the server created before the fork are not finalized (that is the point); an
+exception unwinding the deepest frame at the recursion limit is replaced by a new
+``RecursionError`` (the unwind callback needs one more frame).  Both are documented.
+
+On Python 3.11 (no ``sys.monitoring``) the executor ends with the normal shutdown, after
+unfreezing the heap so that the final collection finds the cycles the server made
+(``full_teardown_at_exit``).
 """
 
 from __future__ import annotations
@@ -24,10 +35,12 @@ import gc
 import os
 import signal
 import sys
+import weakref
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from types import CodeType, TracebackType
+    from typing import Any
 
 AVAILABLE = sys.version_info >= (3, 12)
 _TOOL_IDS = (4, 3)
@@ -73,11 +86,11 @@ def install() -> bool:
 
 
 def _write_stderr(text: str) -> None:
-    err = sys.stderr
+    """``PySys_WriteStderr``: through ``sys.stderr``, else straight to fd 2."""
+    err = getattr(sys, "stderr", None)
     try:
         if err is not None:
             err.write(text)
-            err.flush()
             return
     except Exception:  # noqa: BLE001 - mirrors CPython's fallback to the C-level stderr
         pass
@@ -87,35 +100,186 @@ def _write_stderr(text: str) -> None:
         pass
 
 
-def _status_of(exc: BaseException) -> tuple[int, bool]:
-    """(exit status, died of KeyboardInterrupt) as CPython's PyErr_Print would give."""
-    if isinstance(exc, SystemExit):
-        code = exc.code
-        if code is None:
-            return 0, False
-        if isinstance(code, int):
-            return code & 0xFF, False
-        _write_stderr(f"{code}\n")
-        return 1, False
-    tb: TracebackType | None = exc.__traceback__
+def _from_c(exc: BaseException) -> BaseException:
+    """Drop this module's frames from ``exc``'s traceback: in CPython the call that raised
+    it is made from C, so they would not be there."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    return exc.with_traceback(tb)
+
+
+def _unraisable_args_type() -> type:
+    """The type of ``sys.unraisablehook``'s argument (not exposed: caught from a real
+    unraisable exception, on this rare path only)."""
+    seen: list[object] = []
+    old = sys.unraisablehook
+    sys.unraisablehook = seen.append
     try:
-        sys.excepthook(type(exc), exc, tb)
-    except Exception:  # noqa: BLE001
+        class _Raises:
+            def __del__(self) -> None:
+                raise RuntimeError
+
+        _Raises()
+    finally:
+        sys.unraisablehook = old
+    return type(seen[0])
+
+
+def _unraisable(exc: BaseException, msg: str, obj: object) -> None:
+    """Report ``exc`` as CPython's finalization does: ``PyErr_FormatUnraisable(msg)`` from
+    3.13 on, ``PyErr_WriteUnraisable(obj)`` before."""
+    exc = _from_c(exc)
+    new = sys.version_info >= (3, 13)
+    args = _unraisable_args_type()((type(exc), exc, exc.__traceback__, msg if new else None,
+                                    None if new else obj))
+    try:
+        sys.unraisablehook(args)
+    except Exception:  # noqa: BLE001 - a failing hook falls back to the default one
+        sys.__unraisablehook__(args)
+
+
+def _flush_io() -> None:
+    """``flush_io()`` after the main module ends: stderr then stdout, errors ignored."""
+    for name in ("stderr", "stdout"):
+        try:
+            getattr(sys, name).flush()
+        except BaseException:  # noqa: BLE001 - CPython clears whatever it raised
+            pass
+
+
+def _is_closed(stream: object) -> bool:
+    try:
+        return bool(stream.closed)  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - as CPython's file_is_closed()
+        return False
+
+
+def _flush_std_files() -> bool:
+    """``flush_std_files()`` of ``Py_FinalizeEx``: False if a flush failed."""
+    ok = True
+    out = getattr(sys, "stdout", None)
+    err = getattr(sys, "stderr", None)
+    if out is not None and not _is_closed(out):
+        try:
+            out.flush()
+        except BaseException as e:  # noqa: BLE001
+            _unraisable(e, "Exception ignored on flushing sys.stdout", out)
+            ok = False
+    if err is not None and not _is_closed(err):
+        try:
+            err.flush()
+        except BaseException:  # noqa: BLE001
+            ok = False
+    return ok
+
+
+def exit_status_of(exc: SystemExit) -> int:
+    """``_Py_HandleSystemExit``: the exit status a ``SystemExit`` gives (printing a
+    non-integer code on stderr, status 1)."""
+    code: object
+    try:
+        code = exc.code
+    except Exception:  # noqa: BLE001 - CPython then prints the exception itself
+        code = exc
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        # (int)PyLong_AsLong(code): -1 when it does not fit a C long.
+        return code & 0xFF if -(2**63) <= code < 2**63 else 0xFF
+    err = getattr(sys, "stderr", None)
+    try:
+        text = str(code)
+        if err is not None:
+            err.write(text)
+            err.write("\n")
+        else:
+            os.write(2, (text + "\n").encode("utf-8", "backslashreplace"))
+    except Exception:  # noqa: BLE001 - ignored, as in CPython
         pass
-    return 1, isinstance(exc, KeyboardInterrupt)
+    return 1
 
 
-def _flush_post_fork_files() -> None:
+def _display(exc: BaseException) -> None:
+    """``PyErr_DisplayException``: the default traceback print."""
+    sys.__excepthook__(type(exc), exc, exc.__traceback__)
+
+
+def _print_exit(exc: BaseException) -> tuple[int, bool]:
+    """``PyErr_Print`` for the exception that ended the main module: (exit status, exit by
+    SIGINT).  Sets ``sys.last_exc`` & co. and calls ``sys.excepthook`` as CPython does."""
+    if isinstance(exc, SystemExit):
+        return exit_status_of(exc), False
+    tb: TracebackType | None = exc.__traceback__
+    if sys.version_info >= (3, 12):
+        sys.last_exc = exc
+    sys.last_type, sys.last_value, sys.last_traceback = type(exc), exc, tb
+    hook = getattr(sys, "excepthook", None)
+    try:
+        sys.audit("sys.excepthook", hook, type(exc), exc, tb)
+    except RuntimeError:
+        return 1, type(exc) is KeyboardInterrupt
+    except Exception as e:  # noqa: BLE001
+        _unraisable(e, "Exception ignored in audit hook", None)
+    if hook is None:
+        _write_stderr("sys.excepthook is missing\n")
+        _display(exc)
+    else:
+        try:
+            hook(type(exc), exc, tb)
+        except SystemExit as exit_exc:
+            return exit_status_of(exit_exc), False
+        except BaseException as exc2:  # noqa: BLE001
+            _write_stderr("Error in sys.excepthook:\n")
+            _display(_from_c(exc2))
+            _write_stderr("\nOriginal exception was:\n")
+            _display(exc)
+    # Only the exact type makes the interpreter exit by SIGINT (run_eval_code_obj).
+    return 1, type(exc) is KeyboardInterrupt
+
+
+def _flush_open_files() -> None:
+    """Flush every open file object, as their deallocation at teardown would: those
+    created during the call, and those created before the fork (recorded at freeze time,
+    since the frozen heap is invisible to ``gc.get_objects``)."""
     import io
 
     kinds = (io.BufferedWriter, io.BufferedRandom, io.TextIOWrapper)
-    for obj in gc.get_objects():
-        if isinstance(obj, kinds) and obj not in (sys.stdout, sys.stderr):
-            try:
-                if not obj.closed:
-                    obj.flush()
-            except Exception:  # noqa: BLE001, S112 - as a dealloc would: ignored
-                continue
+    files: list[Any] = [o for o in gc.get_objects() if isinstance(o, kinds)]
+    files += [o for o in (r() for r in _pre_fork_files) if o is not None]
+    # Text layers first: their flush pushes pending text into the buffer below.
+    files.sort(key=lambda f: not isinstance(f, io.TextIOWrapper))
+    for obj in files:
+        if obj is sys.stdout or obj is sys.stderr:
+            continue
+        try:
+            if not obj.closed:
+                obj.flush()
+        except Exception:  # noqa: BLE001 - as a dealloc would: ignored
+            continue
+
+
+#: Weak references to the file objects open when the server froze its heap.
+_pre_fork_files: list[weakref.ref[object]] = []
+
+
+def remember_open_files() -> None:
+    """In the server, just before ``gc.freeze()``: note the open file objects, so that an
+    executor can flush them at its fast exit."""
+    import io
+
+    kinds = (io.BufferedWriter, io.BufferedRandom, io.TextIOWrapper)
+    _pre_fork_files[:] = [weakref.ref(o) for o in gc.get_objects()
+                          if isinstance(o, kinds) and not o.closed]
+
+
+def full_teardown_at_exit() -> None:
+    """For an executor that ends with the interpreter's own shutdown: unfreeze the heap at
+    exit, so that the final collection finds the cycles created before the fork (the
+    ``__main__`` globals, their objects and files), as in a direct run."""
+    import atexit
+
+    atexit.register(gc.unfreeze)
 
 
 def _release_main_globals() -> None:
@@ -135,36 +299,35 @@ def _release_main_globals() -> None:
 
 
 def finish(status: int | None, exc: BaseException | None) -> None:
-    """Exit the executor now, as the end of the interpreter would, but without teardown."""
+    """Exit the executor now, doing what the rest of ``Py_RunMain`` does that anyone can
+    observe, in its order, but without tearing the heap down:
+
+    ``flush_io``; ``PyErr_Print`` (traceback, or SystemExit's status and message);
+    ``Py_FinalizeEx``: threading shutdown, atexit, ``flush_std_files``, the call's
+    ``__main__`` objects released and open files flushed (the teardown), ``flush_std_files``
+    again (a failure: status 120); then exit by SIGINT after an uncaught KeyboardInterrupt.
+    """
     sigint = False
     try:
+        _flush_io()
         if exc is not None:
-            status, sigint = _status_of(exc)
+            status, sigint = _print_exit(exc)
             del exc
         assert status is not None
         threading = sys.modules.get("threading")
         if threading is not None:
             try:
-                threading._shutdown()  # type: ignore[attr-defined]
-            except Exception:  # noqa: BLE001
-                pass
+                threading._shutdown()
+            except BaseException as e:  # noqa: BLE001
+                _unraisable(e, "Exception ignored on threading shutdown", threading)
         import atexit
 
         atexit._run_exitfuncs()
+        ok = _flush_std_files()
         _release_main_globals()
-        _flush_post_fork_files()
-        for name in ("stdout", "stderr"):
-            stream = getattr(sys, name)
-            if stream is None:
-                continue
-            try:
-                if not stream.closed:
-                    stream.flush()
-            except Exception as e:  # noqa: BLE001
-                _write_stderr(f"Exception ignored in: {stream!r}\n"
-                              f"{type(e).__name__}: {e}\n")
-                if status == 0:
-                    status = 120
+        _flush_open_files()
+        if not _flush_std_files() or not ok:
+            status = 120
     except BaseException:  # noqa: BLE001 - whatever happens, this process ends here
         if status is None:
             status = 1
@@ -173,4 +336,4 @@ def finish(status: int | None, exc: BaseException | None) -> None:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGINT)
             status = 128 + signal.SIGINT
-        os._exit(status if status is not None else 1)
+        os._exit(status & 0xFF if status is not None else 1)

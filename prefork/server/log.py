@@ -21,6 +21,7 @@ class ServerLog:
         "stderr", or an explicit file path.  ``file_path`` is the run-dir log file."""
         self.script = script
         self._file = None
+        self._fd = -1  # a log file: written with os.write (O_APPEND), nothing buffered
         self._syslog = False
         self.path: str | None = None
         if target in (None, "auto"):
@@ -39,9 +40,8 @@ class ServerLog:
                 path = os.devnull
             self.path = path
             self._rotate_if_big()
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            self._file = open(fd, "a", buffering=1, encoding="utf-8",  # noqa: SIM115
-                              errors="backslashreplace")
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                               0o600)
 
     def _rotate_if_big(self) -> None:
         if self.path is None:
@@ -60,13 +60,16 @@ class ServerLog:
                 level, syslog.LOG_ERR)
             syslog.syslog(prio, msg)
             return
-        if self._file is None:
+        if self._file is None and self._fd < 0:
             return
         now = time.time()
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now))
+        line = f"{stamp}.{int(now % 1 * 1000):03d} [{os.getpid()}] {level} {self.script}: {msg}\n"
         try:
-            self._file.write(f"{stamp}.{int(now % 1 * 1000):03d} [{os.getpid()}] {level} "
-                             f"{self.script}: {msg}\n")
+            if self._fd >= 0:
+                os.write(self._fd, line.encode("utf-8", "backslashreplace"))
+            elif self._file is not None:
+                self._file.write(line)
         except (OSError, ValueError):
             pass
 
@@ -89,9 +92,7 @@ class ServerLog:
 
             syslog.closelog()
             self._syslog = False
-        if self._file is not None and self._file is not sys.stderr:
-            try:
-                self._file.close()
-            except OSError:
-                pass
+        if self._fd >= 0:
+            os.close(self._fd)  # no file object: closing costs an executor nothing more
+            self._fd = -1
         self._file = None

@@ -12,6 +12,7 @@ process itself always ends in ``os._exit``.
 
 from __future__ import annotations
 
+import _signal
 import errno
 import os
 import selectors
@@ -39,13 +40,20 @@ FORWARDABLE = frozenset(
         signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH, signal.SIGURG, signal.SIGXCPU,
         signal.SIGXFSZ, signal.SIGVTALRM, signal.SIGPROF, signal.SIGPWR, signal.SIGSYS,
         signal.SIGTRAP, signal.SIGABRT, signal.SIGBUS, signal.SIGFPE, signal.SIGSEGV,
-        signal.SIGILL, signal.SIGKILL, signal.SIGSTOP,
+        signal.SIGILL, signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, signal.SIGIO,
+        signal.SIGSTKFLT,
     )
 ) | frozenset(range(signal.SIGRTMIN, signal.SIGRTMAX + 1))
 
+_READS_PER_TURN = 8       # reads of one connection's request per turn of the loop, at most
 REQUEST_TIMEOUT = 30.0   # a connection must deliver its request within this
 KILL_GRACE = 0.5         # SIGINT to a call whose client vanished, then SIGKILL after this
 _PEERCRED = struct.Struct("3i")
+#: Every signal number, as ints: ``_signal`` rather than ``signal`` around the fork, whose
+#: wrappers turn each of the 64 into an enum member, on every call.
+_ALL_SIGNALS = frozenset(_signal.valid_signals())
+#: Signals the server handles (through its wakeup fd).
+_HANDLED = (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 
 
 class Call:
@@ -84,6 +92,7 @@ class Server:
         self.keep_fds = keep_fds
         self.script = script
         self.prctl = prctl
+        self.server_pid = os.getpid()
         self.calls: dict[socket.socket, Call] = {}
         self.by_pid: dict[int, Call] = {}
         self.quitting: str | None = None
@@ -93,12 +102,14 @@ class Server:
         self.accepting = False
         self.last_activity = time.monotonic()
         self.threads_warned = False
+        #: The environment last set for a call (see _start), and the names it had to skip.
+        self.environ: tuple[list[tuple[bytes, bytes]], list[bytes]] | None = None
 
     # ------------------------------------------------------------ set-up
 
     def _install_signals(self) -> None:
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        for sig in _HANDLED:
             signal.signal(sig, self._note_signal)
 
     def _note_signal(self, signum: int, frame: object) -> None:
@@ -144,10 +155,14 @@ class Server:
         now = time.monotonic()
         events = self.sel.select(self._timeout(now))
         now = time.monotonic()
+        # Children are reaped when a signal woke us (SIGCHLD comes through the wakeup fd) or
+        # on a timeout, not on every turn: each turn's work is paid for on every call.
+        reap = not events
         for key, _mask in events:
             tag = key.data
             if tag == "wake":
                 self._drain_wakeups()
+                reap = True
             elif tag == "watch":
                 self._watch_event()
             elif tag == "listen":
@@ -158,7 +173,8 @@ class Server:
                 child = self._call_readable(tag)
                 if child is not None:
                     return child
-        self._reap()
+        if reap:
+            self._reap()
         self._timers(now)
         return None
 
@@ -190,6 +206,9 @@ class Server:
         if self.quitting is not None:
             return
         self.quitting = why
+        if self.by_pid:
+            self.log.info(f"stopped accepting ({why}): {len(self.by_pid)} running call(s) "
+                          "will finish first")
         self._set_accepting(False)
         if self.listen_sock is not None:
             self.listen_sock.close()
@@ -215,7 +234,10 @@ class Server:
             self.sel.unregister(self.listen_sock)
 
     def _full(self) -> bool:
-        return 0 <= self.max_servers <= len(self.by_pid)
+        # A connection still sending its request holds a slot too: otherwise a burst of
+        # connections accepted together would all fork, past max_servers.
+        starting = sum(1 for c in self.calls.values() if c.parser is not None)
+        return 0 <= self.max_servers <= len(self.by_pid) + starting
 
     def _watch_event(self) -> None:
         try:
@@ -232,7 +254,8 @@ class Server:
     # ------------------------------------------------------------ connections
 
     def _accept(self) -> Call | None:
-        assert self.listen_sock is not None
+        if self.listen_sock is None or not self.accepting:
+            return None  # stopped accepting earlier in this batch of events (e.g. quitting)
         if self.autoreload is not None:
             why = self.autoreload.stale()
             if why is not None:
@@ -255,6 +278,8 @@ class Server:
                 conn.close()
                 continue
             self._add_call(conn)
+        if self._full():
+            self._set_accepting(False)
         return None
 
     def _add_call(self, sock: socket.socket) -> None:
@@ -277,28 +302,51 @@ class Server:
             for fd in call.parser.fds:
                 os.close(fd)
             call.parser = None
-        if call.sock is not None:
-            self.calls.pop(call.sock, None)
-            try:
-                self.sel.unregister(call.sock)
-            except (KeyError, ValueError):
-                pass
-            call.sock.close()
-            call.sock = None
+        self._forget_sock(call)
+        if not self._full():
+            self._set_accepting(True)
+
+    def _forget_sock(self, call: Call) -> None:
+        """Stop watching the call's socket and close it."""
+        if call.sock is None:
+            return
+        self.calls.pop(call.sock, None)
+        try:
+            self.sel.unregister(call.sock)
+        except (KeyError, ValueError):
+            pass
+        call.sock.close()
+        call.sock = None
 
     def _call_readable(self, sock: socket.socket) -> Call | None:
         call = self.calls.get(sock)
         if call is None:
             return None
         maxfds = protocol.X1_FDS
+        # A request comes in several messages (a v1 client sends each fd on its own): read
+        # on until the socket is empty, rather than one message per turn of the loop.
+        for _ in range(_READS_PER_TURN):
+            try:
+                child = self._read_call(call, sock, maxfds)
+            except BlockingIOError:
+                return None
+            if child is not None or call.parser is None or call.sock is None:
+                return child
+        return None
+
+    def _read_call(self, call: Call, sock: socket.socket, maxfds: int) -> Call | None:
+        """One read from a call's socket (see ``_call_readable``); ``BlockingIOError`` when
+        there is nothing to read."""
         try:
             if call.parser is not None:
                 data, fds = fdio.recv_with_fds(sock, 65536, maxfds)
             else:
                 data, fds = sock.recv(4096), []
         except BlockingIOError:
-            return None
-        except (ConnectionResetError, ValueError, OSError) as e:
+            raise
+        except ConnectionResetError:
+            data, fds = b"", []  # as EOF: the client went away (logged below if mid-request)
+        except (ValueError, OSError) as e:
             if call.parser is not None:
                 self.log.warning(f"rejected a call: receiving the request failed: {e}")
             data, fds = b"", []
@@ -338,17 +386,10 @@ class Server:
 
     def _client_gone(self, call: Call) -> None:
         """EOF on the call socket: the caller is gone; end its executor's process group."""
-        self.calls.pop(call.sock, None)  # type: ignore[arg-type]
-        try:
-            self.sel.unregister(call.sock)  # type: ignore[arg-type]
-        except (KeyError, ValueError):
-            pass
+        self._forget_sock(call)
         if call.pid:
             self._killpg(call.pid, signal.SIGINT)
             call.kill_at = time.monotonic() + KILL_GRACE
-        if call.sock is not None:
-            call.sock.close()
-            call.sock = None
 
     def _killpg(self, pgid: int, sig: int) -> None:
         try:
@@ -361,10 +402,22 @@ class Server:
     def _send(self, call: Call, data: bytes) -> None:
         if call.sock is None:
             return
+        # A record or a status is a few bytes: they fit at once, without switching the
+        # socket to blocking mode (four more system calls) unless the client lags.
+        try:
+            sent = call.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as e:
+            if e.errno not in (errno.EPIPE, errno.ECONNRESET):
+                self.log.warning(f"writing to client failed: {e}")
+            return
+        if sent == len(data):
+            return
         try:
             call.sock.setblocking(True)
             call.sock.settimeout(5.0)
-            call.sock.sendall(data)
+            call.sock.sendall(data[sent:])
         except OSError as e:
             if e.errno not in (errno.EPIPE, errno.ECONNRESET):
                 self.log.warning(f"writing to client failed: {e}")
@@ -377,18 +430,34 @@ class Server:
     def _start(self, call: Call, req: protocol.Request, rest: bytes) -> Call | None:
         """Fork the executor for a complete request."""
         if not self.threads_warned:
-            import threading
-
-            if threading.active_count() > 1:
+            # Not imported here if the script did not: threading's fork handler costs every
+            # executor a quarter of a millisecond.  Without the module there are no threads.
+            threading = sys.modules.get("threading")
+            if threading is not None and threading.active_count() > 1:
                 self.threads_warned = True
                 self.log.warning(f"{threading.active_count()} threads alive at fork: only the "
                                  "calling thread exists in executors (see README)")
         sys.stdout.flush()
         sys.stderr.flush()
+        # The caller's environment is set here, before the fork, and the child inherits it:
+        # in the child even comparing it would write to (copy) every page its entries live
+        # on.  The server itself reads no environment variable after its start-up.  Most
+        # calls bring the same environment as the one before: then there is nothing to do.
+        if self.environ is None or self.environ[0] != req.env:
+            self.environ = (req.env, executor.replace_environ(req.env))
+        skipped = self.environ[1]
+        # Every signal stays blocked across the fork: until the child has dropped our
+        # wakeup fd and handlers, a signal sent to it (the SIGINT of a client gone at once)
+        # would land in the server's wakeup pipe and be taken for the server's own; and
+        # until it has the caller's fds, stdio and the script's handlers, a forwarded
+        # signal would be handled by the wrong code.  The child unblocks them when done:
+        # pending ones are then delivered as if they had arrived just then.
+        old_mask = _signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
         pid = os.fork()
         if pid == 0:
-            self._become_executor(call, req)
+            self._become_executor(call, req, skipped)
             return call
+        _signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         try:
             os.setpgid(pid, pid)
         except (PermissionError, ProcessLookupError):
@@ -406,14 +475,21 @@ class Server:
                 self._records(call, rest)
         return None
 
-    def _become_executor(self, call: Call, req: protocol.Request) -> None:
-        """In the child: drop everything of the server's, then take on the call."""
+    def _become_executor(self, call: Call, req: protocol.Request, skipped: list[bytes]
+                         ) -> None:
+        """In the child: drop everything of the server's, then take on the call (whose
+        environment is already in place: ``skipped`` are the entries that could not be)."""
         try:
             os.setpgid(0, 0)
             executor.set_pdeathsig(signal.SIGKILL, self.prctl)
-            if os.getppid() == 1:
+            if os.getppid() != self.server_pid:  # the server died before PDEATHSIG was set
                 os._exit(1)
             executor.restore_signals(self.saved_signals)
+            blocked: list[int] = []
+            if req.extended and call.sock is not None:
+                client = _PEERCRED.unpack(call.sock.getsockopt(
+                    socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))[0]
+                blocked = executor.inherit_from_client(client)
             for other in list(self.calls.values()):
                 if other.sock is not None and other is not call:
                     other.sock.close()
@@ -432,12 +508,13 @@ class Server:
             executor.install_fds(req)
             if req.umask is not None:
                 os.umask(req.umask)
-            skipped = executor.replace_environ(req.env)
             executor.set_argv(req)
             executor.rebuild_stdio(req.flags)
             if skipped:
                 print(f"prefork: warning: environment entries with invalid names dropped: "
                       f"{skipped!r}", file=sys.stderr)
+            # Blocked since before the fork; now the caller's mask, as across exec.
+            _signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         except BaseException as e:  # noqa: BLE001 - the child must never run on as a server
             try:
                 os.write(2, f"prefork: failed to set up the executor: {e!r}\n".encode())
@@ -476,13 +553,7 @@ class Server:
                     self._send(call, protocol.encode_record(protocol.REC_STATUS, status))
                 else:
                     self._send(call, protocol.encode_status(status))
-                self.calls.pop(call.sock, None)
-                try:
-                    self.sel.unregister(call.sock)
-                except (KeyError, ValueError):
-                    pass
-                call.sock.close()
-                call.sock = None
+                self._forget_sock(call)
             call.kill_at = None
             if not self._full():
                 self._set_accepting(True)

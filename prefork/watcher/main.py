@@ -55,6 +55,8 @@ EXIT_USAGE = 2
 #: Seconds between re-checks of the socket path when nothing happens: a safety net for
 #: changes that inotify on the socket's directory cannot see (an ancestor renamed).
 RECHECK_INTERVAL = 60.0
+#: How often the socket path is looked at when inotify cannot be used.
+POLL_INTERVAL = 0.5
 
 #: Events on the directory holding the socket; those naming the socket (or the directory
 #: itself) make us lstat the path again.
@@ -291,7 +293,10 @@ def _watch(path: str, start: tuple[int, int], *, sentinel: bool,
     ``sentinel``) reads EOF; return why.  ``show`` gets one line per event (foreground)."""
     pyinotify = _import_pyinotify()
     dirpath, name = os.path.split(path)
-    wm = _watch_manager(pyinotify)
+    try:
+        wm = _watch_manager(pyinotify)
+    except WatcherError as e:  # e.g. out of inotify instances: poll rather than fail
+        return _poll(path, start, sentinel=sentinel, show=show, why=str(e))
     try:
         inotify_fd: int = wm.get_fd()
         os.set_inheritable(inotify_fd, False)
@@ -302,8 +307,9 @@ def _watch(path: str, start: tuple[int, int], *, sentinel: bool,
             mask |= getattr(pyinotify, flag)
         try:
             wm.add_watch(dirpath, mask, proc_fun=events.append, quiet=False)
-        except pyinotify.WatchManagerError as e:
-            raise WatcherError(f"cannot watch {dirpath}: {e}") from None
+        except pyinotify.WatchManagerError as e:  # e.g. out of watches: poll instead
+            return _poll(path, start, sentinel=sentinel, show=show,
+                         why=f"cannot watch {dirpath}: {e}")
         # The socket may have gone between the first lstat and the watch: look again now.
         reason = _check(path, start)
         if show is not None:  # after that look: whatever happens from here shows as events
@@ -326,6 +332,25 @@ def _watch(path: str, start: tuple[int, int], *, sentinel: bool,
         return reason
     finally:
         wm.close()
+
+
+def _poll(path: str, start: tuple[int, int], *, sentinel: bool,
+          show: Callable[[str], None] | None, why: str) -> str:
+    """The fallback when inotify is not available (instance or watch limits reached):
+    look at the path every POLL_INTERVAL seconds, and at the sentinel whenever it wakes us.
+    A watcher that cannot use inotify must not make its server quit."""
+    if show is not None:
+        show(f"inotify unavailable ({why}); polling {path} every {POLL_INTERVAL:g}s")
+    fds = [0] if sentinel else []
+    reason = _check(path, start)
+    while reason is None:
+        ready, _, _ = select.select(fds, [], [], POLL_INTERVAL)
+        if 0 in ready:
+            reason = _read_sentinel(show)
+            if reason is not None:
+                break
+        reason = _check(path, start)
+    return reason
 
 
 def _read_events(notifier: Any, events: list[Any], show: Callable[[str], None] | None

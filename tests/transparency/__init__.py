@@ -1,0 +1,1 @@
+"""Differential transparency probes (issue 3): a preforked call against a direct run."""
