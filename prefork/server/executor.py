@@ -19,7 +19,7 @@ from prefork.common import protocol
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable, Iterable, Mapping
 
 
 def replace_environ(env: list[tuple[bytes, bytes]]) -> list[bytes]:
@@ -248,11 +248,12 @@ def set_pdeathsig(sig: int, prctl: Callable[..., int] | None) -> None:
         prctl(1, sig, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
-def restore_signals(saved: dict[int, object]) -> None:
+def restore_signals(saved: Mapping[int, object]) -> None:
     """Give back the dispositions the script had before initialisation_complete().  (Every
     signal is blocked meanwhile: the server unblocks them when the executor is ready.)"""
     signal.set_wakeup_fd(-1)
-    for sig, handler in saved.items():
+    for sig, saved_handler in saved.items():
+        handler = saved_handler
         if isinstance(handler, int):  # signal.Handlers.SIG_DFL/SIG_IGN: _signal wants its own
             handler = _signal.SIG_IGN if handler == _signal.SIG_IGN else _signal.SIG_DFL
         try:

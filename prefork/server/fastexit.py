@@ -17,7 +17,7 @@ we do what the rest of ``Py_RunMain`` does that anyone can observe, in its order
 6. the teardown a direct run would see: release the objects ``__main__`` created during the
    call and collect cycles, so their ``__del__`` methods run; flush every open file object,
    those created since the fork and those open when the server froze its heap (unclosed
-   files keep their data); flush stdout/stderr again;
+   files keep their data); flush stdout/stderr again, quietly (as their deallocation would);
 7. after an uncaught ``KeyboardInterrupt`` (exactly that type): death by SIGINT.
 
 Objects the server created before the fork are not finalized (that is the point); an
@@ -303,9 +303,9 @@ def finish(status: int | None, exc: BaseException | None) -> None:
     observe, in its order, but without tearing the heap down:
 
     ``flush_io``; ``PyErr_Print`` (traceback, or SystemExit's status and message);
-    ``Py_FinalizeEx``: threading shutdown, atexit, ``flush_std_files``, the call's
-    ``__main__`` objects released and open files flushed (the teardown), ``flush_std_files``
-    again (a failure: status 120); then exit by SIGINT after an uncaught KeyboardInterrupt.
+    ``Py_FinalizeEx``: threading shutdown, atexit, ``flush_std_files`` (a failure: status
+    120), the call's ``__main__`` objects released and open files flushed (the teardown),
+    a last quiet flush; then exit by SIGINT after an uncaught KeyboardInterrupt.
     """
     sigint = False
     try:
@@ -323,11 +323,13 @@ def finish(status: int | None, exc: BaseException | None) -> None:
         import atexit
 
         atexit._run_exitfuncs()
-        ok = _flush_std_files()
+        if not _flush_std_files():
+            status = 120
         _release_main_globals()
         _flush_open_files()
-        if not _flush_std_files() or not ok:
-            status = 120
+        # What the teardown printed: at this point of a direct run sys.stdout is gone, and
+        # the streams' own deallocation flushes them, failures unreported.
+        _flush_io()
     except BaseException:  # noqa: BLE001 - whatever happens, this process ends here
         if status is None:
             status = 1

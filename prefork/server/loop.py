@@ -28,7 +28,7 @@ from prefork.server.autoreload import Autoreload
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
 
     from prefork.server.log import ServerLog
 
@@ -77,7 +77,7 @@ class Server:
     def __init__(self, *, listen_sock: socket.socket, call_sock: socket.socket,
                  watch_in_fd: int, watch_err_fd: int, birth_ns: int, log: ServerLog,
                  max_servers: int, idle_timeout: float | None, autoreload: Autoreload | None,
-                 saved_signals: dict[int, object], keep_fds: set[int], script: str,
+                 saved_signals: Mapping[int, object], keep_fds: set[int], script: str,
                  prctl: Callable[..., int] | None) -> None:
         self.listen_sock: socket.socket | None = listen_sock
         self.first_call_sock = call_sock
@@ -227,8 +227,8 @@ class Server:
         if on == self.accepting:
             return
         self.accepting = on
-        assert self.listen_sock is not None or not on
         if on:
+            assert self.listen_sock is not None
             self.sel.register(self.listen_sock, selectors.EVENT_READ, "listen")
         elif self.listen_sock is not None:
             self.sel.unregister(self.listen_sock)

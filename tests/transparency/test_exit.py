@@ -3,12 +3,14 @@ shell reports it), SIGPIPE, and what must not be lost at exit (atexit, unclosed 
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from .conftest import INTERPRETERS, PY311, ProbeFactory, Run, normalise_bash
+from .conftest import INTERPRETERS, PY311, ProbeFactory, Run, normalise_bash, status_text
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -357,3 +359,40 @@ def test_file_opened_before_initialisation(make_probe: ProbeFactory, tmp_path: P
         r = probe.run(how, how)
         assert r.status == "exit 0", r
         assert log.read_text().splitlines()[-1] == f"written by {how}"
+
+
+FLUSH_FAILS = r'''
+what = sys.argv[1]
+if what == "hook":
+    sys.unraisablehook = lambda u: print("HOOK", u.exc_type.__name__, u.err_msg,
+                                         file=sys.stderr)
+print("pending output, never written")
+if what == "exit":
+    sys.exit(3)
+if what == "raise":
+    raise KeyError("k")
+if what == "kbi":
+    raise KeyboardInterrupt
+'''
+
+
+@pytest.mark.parametrize("python", sorted(INTERPRETERS))
+@pytest.mark.parametrize("what", ["normal", "exit", "raise", "kbi", "hook"])
+def test_stdout_flush_fails_at_exit(make_probe: ProbeFactory, python: str, what: str) -> None:
+    """stdout's reader is gone before the final flush: "Exception ignored ..." (through
+    sys.unraisablehook) and status 120 whatever the status was -- but death by SIGINT after
+    a KeyboardInterrupt."""
+    probe = make_probe(FLUSH_FAILS, python=INTERPRETERS[python])
+    seen = {}
+    for how in ("direct", "cold", "warm"):
+        r, w = os.pipe()
+        os.close(r)
+        try:
+            probe.prepare(how)
+            p = probe.popen(how, what, stdout=w, stdin=subprocess.DEVNULL)
+        finally:
+            os.close(w)
+        _, err = p.communicate(timeout=30)
+        seen[how] = (status_text(p.returncode), err)
+    assert seen["cold"] == seen["direct"] and seen["warm"] == seen["direct"]
+    assert seen["direct"][0] == ("signal SIGINT" if what == "kbi" else "exit 120")
