@@ -46,10 +46,13 @@ import textwrap
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psutil
 import pytest
+
+if TYPE_CHECKING:
+    from realbase import RealBase
 
 T = TypeVar("T")
 
@@ -399,3 +402,16 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         rep.write_line(msg, red=True)
     else:
         print(msg, file=sys.stderr)
+
+
+@pytest.fixture
+def real_base(rundir: str) -> Iterator[RealBase]:
+    """Entries the reference C client makes in the real run base (it has no override):
+    removed, and their servers killed, at teardown."""
+    from realbase import RealBase  # realbase imports this module
+
+    rb = RealBase()
+    try:
+        yield rb
+    finally:
+        rb.cleanup()

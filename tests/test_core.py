@@ -14,7 +14,7 @@ import ast
 import os
 import random
 import signal
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import psutil
@@ -135,16 +135,6 @@ def direct(procs: ProcRegistry, env: dict[str, str], cwd: str, script: str,
     rc, out, err = procs.run([PY, script, *map(os.fsdecode, args)], input=input, env=env,
                              cwd=cwd)
     return Result(rc, out, err)
-
-
-@pytest.fixture
-def real_base(rundir: str) -> Iterator[RealBase]:
-    """Entries in the real run base; removed (and their servers killed) at teardown."""
-    rb = RealBase()
-    try:
-        yield rb
-    finally:
-        rb.cleanup()
 
 
 @pytest.fixture(params=["ours", "c"])

@@ -18,7 +18,6 @@ import socket
 import stat
 import sys
 import threading
-from collections.abc import Iterator
 
 import pytest
 from conftest import C_CLIENT, CLIENT, PYTHON, ProcRegistry, scaled, write_script
@@ -38,16 +37,6 @@ mask = os.umask(0)
 os.umask(mask)
 print(os.getcwd(), oct(mask), os.getppid())
 """
-
-
-@pytest.fixture
-def real_base(rundir: str) -> Iterator[RealBase]:
-    """Entries in the real run base; removed (and their servers killed) at teardown."""
-    rb = RealBase()
-    try:
-        yield rb
-    finally:
-        rb.cleanup()
 
 
 def _call(procs: ProcRegistry, argv: list[str], env: dict[str, str], cwd: str,
