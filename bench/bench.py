@@ -796,7 +796,10 @@ def _bounds(f: dict[str, float]) -> list[str]:
             f"**(b)** CPU per call (server and its children, from /proc, same run): ours "
             f"{f['b_cpu_ours']:.2f} ms, Perl {f['b_cpu_perl']:.2f} ms. Our server forks one "
             f"Python process per call and is its own monitor; the Perl server forks a "
-            f"monitor that forks the executor. Most of our server's own "
+            f"monitor that forks the executor. Our fork comes before the call: the server "
+            f"keeps one executor forked and set up ahead (a spare), so the caller waits only "
+            f"for the hand-over and the call's own set-up (stdio on its fds, argv), the "
+            f"script, the exit and the status. Most of our server's own "
             f"{f['b_cpu_ours_server']:.2f} ms (Perl's: {f['b_cpu_perl_server']:.2f}) is the "
             f"kernel's: copying the page tables at fork() and the copy-on-write faults of "
             f"the pages Python writes afterwards (reference counts), in the server and in "
@@ -811,7 +814,8 @@ def _bounds(f: dict[str, float]) -> list[str]:
     if "heap_slope" in f:
         out.append(
             f"**(e)** {f['heap_slope'] * 1000:.0f} us per MiB: the kernel copies the page "
-            f"tables of the whole heap at each fork and tears them down at each exit. The "
+            f"tables of the whole heap at each fork (ahead of the call, but on the same two "
+            f"cores) and tears them down at each exit (on the caller's path). The "
             f"executor itself writes to almost none of the inherited heap (`gc.freeze()`, "
             f"and its exit skips the interpreter's teardown: `prefork/server/fastexit.py`).")
     if "f_ours" in f:

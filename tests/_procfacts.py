@@ -63,6 +63,31 @@ def children(pid: int) -> list[tuple[int, str]]:
     return found
 
 
+def title(pid: int) -> str:
+    """``pid``'s command line (its process title), words joined by spaces; "" if gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
+def is_spare(pid: int) -> bool:
+    """Our server's ready executor, waiting for its call: titled ``SCRIPT [spare]`` (or still
+    ``SCRIPT [server]``, just forked).  A zombie has no title: not a spare."""
+    return title(pid).endswith((" [spare]", " [server]"))
+
+
+def executors(server: int) -> list[tuple[int, str]]:
+    """``children(server)`` without its spare: the executors of calls (zombies included)."""
+    return [(pid, state) for pid, state in children(server) if not is_spare(pid)]
+
+
+def spares(server: int) -> list[int]:
+    """The server's spare(s) (one, except for a moment after it took a call)."""
+    return [pid for pid, _ in children(server) if is_spare(pid)]
+
+
 def fd_links(pid: int) -> dict[int, str]:
     """``{fd: link target}`` of ``pid``'s open fds."""
     links = {}

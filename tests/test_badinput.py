@@ -25,8 +25,8 @@ import pytest
 from _procfacts import (
     U32BE,
     asleep_in_epoll,
-    children,
     drain_until_closed,
+    executors,
     fd_count,
     gone,
     log_text,
@@ -378,7 +378,7 @@ def test_request_then_close_at_once_repeatedly(live: Live, null_fd: int) -> None
             v1_head()(sock, null_fd)
             sock.sendall(GOOD_MSG)
         live.settled()
-    wait_for(lambda: all(gone(pid) for pid, _ in children(live.pid)),
+    wait_for(lambda: all(gone(pid) for pid, _ in executors(live.pid)),
              what="every executor gone")
     assert "quitting" not in log_text(live.rundir)
     live.ping()

@@ -20,12 +20,14 @@ import pytest
 from _procfacts import (
     Lines,
     asleep_in_epoll,
-    children,
+    executors,
     fd_links,
     gone,
     has_connected_socket,
     log_text,
     socket_file,
+    spares,
+    title,
     watcher_of,
 )
 from conftest import CLIENT, PYTHON, ProcRegistry, find_processes, scaled, wait_for, write_script
@@ -233,7 +235,7 @@ def test_call_waiting_while_server_quits_after_f_goes_to_the_fresh_server(rig: R
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_for(lambda: has_connected_socket(queued.pid), what="the queued client connected")
     wait_for(lambda: asleep_in_epoll(a.server), what="old server idle")
-    assert len(children(a.server)) == 1  # max_servers=1: the queued call waits
+    assert len(executors(a.server)) == 1  # max_servers=1: the queued call waits
     fresh = rig.ping("forced", env=env, client_args=("-f",))
     assert fresh != a.server
     out, err = queued.communicate(timeout=scaled(30))
@@ -476,7 +478,7 @@ def test_max_servers_calls_wait_and_are_served_in_turn(rig: Rig) -> None:
     def running() -> list[int]:
         # Asleep in epoll_wait with connections pending: it is not listening (it is full).
         wait_for(lambda: asleep_in_epoll(server), what="server idle")
-        return sorted(pid for pid, state in children(server) if state != "Z")
+        return sorted(pid for pid, state in executors(server) if state != "Z")
 
     assert running() == sorted([first.executor, second.executor])
     first.finish()
@@ -500,3 +502,64 @@ def _next_started(waiting: list[subprocess.Popen[bytes]]) -> subprocess.Popen[by
     p = fds[ready[0]]
     assert Lines(ready[0]).line().startswith(b"pids ")
     return p
+
+
+# ------------------------------------------------------------------ the ready executor (spare)
+
+
+def _the_spare(server: int) -> int:
+    """The server's spare, once it has settled (titled ``[spare]``, nothing else forking)."""
+    found: list[int] = []
+
+    def one() -> bool:
+        found[:] = spares(server)
+        return len(found) == 1 and title(found[0]).endswith(" [spare]")
+    wait_for(one, what="the server's spare")
+    return found[0]
+
+
+def test_spare_is_ready_holds_nothing_and_is_not_a_call(rig: Rig) -> None:
+    """Between calls the server keeps one executor forked ahead: in its own process group,
+    holding only /dev/null on 0/1/2 and its end of the hand-over socket (no listening
+    socket, watcher pipe, log or call of the server's), every signal blocked; it takes the
+    next call (that call's executor is that very process), and another is forked."""
+    server = rig.ping("first")
+    spare = _the_spare(server)
+    assert os.getpgid(spare) == spare
+    links = fd_links(spare)
+    assert {links[fd] for fd in (0, 1, 2)} == {os.devnull}, links
+    assert sorted(links) == [0, 1, 2, max(links)] and links[max(links)].startswith("socket:")
+    with open(f"/proc/{spare}/status") as f:
+        blocked = next(int(line.split()[1], 16) for line in f if line.startswith("SigBlk:"))
+    assert blocked & (1 << (signal.SIGTERM - 1)) and blocked & (1 << (signal.SIGINT - 1))
+    held = rig.hold()
+    assert held.executor == spare and held.server == server
+    assert _the_spare(server) != spare
+    held.finish()
+
+
+def test_spare_killed_is_replaced_and_the_call_served(rig: Rig) -> None:
+    """A spare that dies before its call (killed by someone): the server notes it in its
+    log, and the next call is served by a new executor, with nothing lost."""
+    server = rig.ping("first")
+    spare = _the_spare(server)
+    os.kill(spare, signal.SIGKILL)
+    wait_for(lambda: "ended before it had a call" in log_text(rig.rundir),
+             what="the server to note the lost spare")
+    assert rig.ping("second") == server
+    assert _the_spare(server) != spare
+
+
+def test_spare_goes_with_its_server(rig: Rig) -> None:
+    """The spare ends with its server: when the server quits (``--kill``) and when it is
+    killed outright (PDEATHSIG)."""
+    server = rig.ping("first")
+    spare = _the_spare(server)
+    rc, _out, err = rig.call(client_args=("--kill",))
+    assert (rc, err) == (0, b"")
+    wait_for(lambda: all_gone(server, spare), what="the server and its spare gone")
+    server = rig.ping("again")
+    spare = _the_spare(server)
+    os.kill(server, signal.SIGKILL)
+    wait_for(lambda: all_gone(server, spare), what="the spare gone with its server")
+    assert rig.ping("fresh") != server

@@ -19,8 +19,8 @@ from collections.abc import Callable
 import pytest
 from _procfacts import (
     Lines,
-    children,
     drain_until_closed,
+    executors,
     fd_links,
     gone,
     log_text,
@@ -316,7 +316,7 @@ def test_executor_holds_no_fd_of_the_server_or_other_calls(
     word, server = Lines(other.stdout.fileno()).line().split()
     assert word == b"waiting"
     server_fds = set(fd_links(int(server)).values())
-    other_executor = [pid for pid, state in children(int(server)) if state != "Z"]
+    other_executor = [pid for pid, state in executors(int(server)) if state != "Z"]
     assert len(other_executor) == 1
     other_fds = set(fd_links(other_executor[0]).values())
     rc, out, err = procs.run([script, "x"], env=env, input=b"")  # all three fds: pipes

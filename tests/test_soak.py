@@ -16,7 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from _procfacts import asleep_in_epoll, children, fd_count, gone, rss_kib
+from _procfacts import asleep_in_epoll, children, executors, fd_count, gone, rss_kib
 from conftest import scaled, wait_for, write_script
 
 CALLS = int(os.environ.get("PF_SOAK_CALLS", "10000"))
@@ -81,6 +81,7 @@ def test_soak_10000_calls(rundir: str, env: dict[str, str]) -> None:
 
 
 def _idle(server: int) -> bool:
-    """No child left (every executor reaped) and the server asleep in its event loop."""
-    return not children(server) and asleep_in_epoll(server)
+    """No executor left (every one reaped; the spare stays) and the server asleep in its
+    event loop."""
+    return not executors(server) and asleep_in_epoll(server)
 

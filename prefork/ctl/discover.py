@@ -48,6 +48,9 @@ DEAD = "dead"
 STATE_ORDER = {LIVE: 0, DRAINING: 1, STALE: 2, DEAD: 3}
 
 SERVER_SUFFIX = " [server]"
+#: Our server's ready executor, waiting for its call (it has the server's title until it has
+#: set its own, just after the fork).
+SPARE_SUFFIX = " [spare]"
 _HEX = frozenset("0123456789abcdef")
 _LOG_SUFFIX = ".log"
 _ROTATED_SUFFIX = ".log.1"
@@ -73,7 +76,8 @@ class ProcInfo:
     pid: int
     ppid: int
     role: str
-    """server, monitor, executor, process (a descendant of an executor) or watcher."""
+    """server, monitor, executor, spare (our ready executor, no call yet), process (a
+    descendant of an executor) or watcher."""
     title: str
     create_time: float
     zombie: bool
@@ -338,7 +342,7 @@ def _with_server(ctx: _Scan, files: Entry, state: str, pid: int,
         first = watcher.title.split(" ", 1)[0]
         client = ("prefork-interp (Python)" if first == "prefork-watcher"
                   else "prefork-interp (C)" if "prefork-interp" in first else None)
-    calls = sum(1 for c in server.children if not c.zombie)
+    calls = sum(1 for c in server.children if not c.zombie and c.role != "spare")
     return replace(files, state=state, listen_inode=listen_inode, server=server,
                    watcher=watcher, script=script, script_path=script_path, cwd=cwd,
                    interpreter=exe, side=side, client=client, calls=calls)
@@ -423,7 +427,10 @@ def _proc_info(ctx: _Scan, pid: int, role: str, listen_inode: int | None,
             if role == "server":
                 # a zombie's title is empty: the Perl side's children are all monitors
                 is_monitor = monitors or "[monitor" in child_title
-                child_role = "monitor" if is_monitor else "executor"
+                is_spare = not is_monitor and child_title.endswith((SPARE_SUFFIX,
+                                                                    SERVER_SUFFIX))
+                child_role = ("monitor" if is_monitor else "spare" if is_spare
+                              else "executor")
             elif role == "monitor":
                 child_role = "executor"
             else:

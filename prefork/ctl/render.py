@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 STATE_STYLE = {discover.LIVE: "green", discover.DRAINING: "yellow",
                discover.STALE: "red", discover.DEAD: "dim"}
-_ROLE_STYLE = {"server": "bold", "watcher": "cyan", "monitor": "magenta"}
+_ROLE_STYLE = {"server": "bold", "watcher": "cyan", "monitor": "magenta", "spare": "dim"}
 
 
 def human_bytes(n: int | None) -> str:

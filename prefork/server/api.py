@@ -165,7 +165,7 @@ def _serve(spec: object, max_servers: int, idle_timeout: float | None, autoreloa
                         watch_in_fd=spec.watch_in, watch_err_fd=spec.watch_err,
                         birth_ns=spec.birth_ns, log=log, max_servers=max_servers,
                         idle_timeout=idle_timeout, autoreload=reload, saved_signals=saved,
-                        keep_fds=keep, script=script, prctl=prctl)
+                        keep_fds=keep, script=script, prctl=prctl, set_title=_title)
         import gc
 
         from prefork.server.fastexit import remember_open_files
@@ -193,11 +193,43 @@ def _serve(spec: object, max_servers: int, idle_timeout: float | None, autoreloa
     return fast
 
 
-def _title(title: str) -> None:
+_setproctitle: object = None  # setproctitle's C function, once loaded; False: unavailable
+
+
+def _load_setproctitle() -> object:
+    """``setproctitle``'s C extension, loaded without its package: the package's
+    ``__init__`` imports ``logging``, which imports ``threading``, whose fork handler every
+    executor of a script that does not use threads would then pay for."""
     try:
-        import setproctitle
-    except ImportError:
+        import importlib.machinery
+        import importlib.util
+
+        spec = importlib.util.find_spec("setproctitle")
+        for folder in (spec.submodule_search_locations or []) if spec else []:
+            for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+                path = os.path.join(folder, "_setproctitle" + suffix)
+                if os.path.exists(path):
+                    loader = importlib.machinery.ExtensionFileLoader(
+                        "setproctitle._setproctitle", path)
+                    ext_spec = importlib.util.spec_from_file_location(
+                        "setproctitle._setproctitle", path, loader=loader)
+                    assert ext_spec is not None
+                    module = importlib.util.module_from_spec(ext_spec)
+                    loader.exec_module(module)
+                    return module.setproctitle
+        import setproctitle  # no C extension found where expected: the package's own way
+
+        return setproctitle.setproctitle
+    except (ImportError, OSError, ValueError, AssertionError):
+        return False
+
+
+def _title(title: str) -> None:
+    global _setproctitle
+    if _setproctitle is None:
+        _setproctitle = _load_setproctitle()
+    if _setproctitle is False:
         return
     # Arguments may hold bytes that are not UTF-8 (surrogate escapes): setproctitle wants
     # encodable text, and a process title must never fail a call.
-    setproctitle.setproctitle(os.fsencode(title).decode("utf-8", "replace"))
+    _setproctitle(os.fsencode(title).decode("utf-8", "replace"))  # type: ignore[operator]

@@ -68,13 +68,14 @@ def _startup_env(name: str) -> str | None:
     return os.environ.get(name) or None
 
 
-def configure_locale() -> tuple[bool, str]:
+def configure_locale() -> tuple[bool, str, list[bytes]]:
     """Set LC_CTYPE from the caller's environment as a fresh interpreter does at start-up:
     the C locale is coerced to a UTF-8 locale, which also puts ``LC_CTYPE`` in the
     environment (PEP 538), and UTF-8 mode is decided for this call (PEP 540).
 
-    Returns ``(utf8_mode, LC_CTYPE locale name)``.  ``sys.flags.utf8_mode`` itself, the
-    filesystem encoding and the default encoding of ``open()`` stay the server's.
+    Returns ``(utf8_mode, LC_CTYPE locale name, warnings for stderr)``.
+    ``sys.flags.utf8_mode`` itself, the filesystem encoding and the default encoding of
+    ``open()`` stay the server's.
     """
     import locale
 
@@ -84,6 +85,7 @@ def configure_locale() -> tuple[bool, str]:
         except locale.Error:
             return locale.setlocale(locale.LC_CTYPE, "C")
 
+    warnings: list[bytes] = []
     ctype = from_env()
     setting = _startup_env("PYTHONUTF8")
     if "utf8" in sys._xoptions:
@@ -104,13 +106,13 @@ def configure_locale() -> tuple[bool, str]:
             os.environ["LC_CTYPE"] = target
             ctype = from_env()
             if coerce == "warn":
-                os.write(2, _COERCION_WARNING.format(target).encode())
+                warnings.append(_COERCION_WARNING.format(target).encode())
             break
         else:
             locale.setlocale(locale.LC_CTYPE, "C")
     if coerce == "warn" and ctype == "C":
-        os.write(2, _C_LOCALE_WARNING.encode())
-    return utf8, ctype
+        warnings.append(_C_LOCALE_WARNING.encode())
+    return utf8, ctype, warnings
 
 
 def stdio_encoding(utf8: bool, ctype: str) -> tuple[str, str]:
@@ -188,12 +190,47 @@ def _interpreter_unbuffered() -> bool:
     return False
 
 
-def rebuild_stdio(closed_flags: int) -> None:
-    """Re-create sys.stdin/stdout/stderr for fds 0/1/2 and the current os.environ, as a
-    fresh interpreter started with this environment would (``create_stdio``)."""
-    utf8, ctype = configure_locale()
+#: What ``plan_stdio`` decides: encoding, errors, unbuffered, start-up warnings for stderr.
+StdioPlan = tuple[str, str, bool, list[bytes]]
+
+
+def plan_stdio() -> StdioPlan:
+    """The locale (set now) and the stdio settings for the current os.environ, as a fresh
+    interpreter started with this environment would decide them.  Depends on the
+    environment only, so a spare decides it before its call when the call brings the
+    environment it already has."""
+    utf8, ctype, warnings = configure_locale()
     encoding, errors = stdio_encoding(utf8, ctype)
     unbuffered = _interpreter_unbuffered() or _startup_env("PYTHONUNBUFFERED") is not None
+    return encoding, errors, unbuffered, warnings
+
+
+def warm_stdio(plan: StdioPlan) -> None:
+    """Build (and drop) stdio objects once on the fds 0/1/2 there are now: the pages this
+    touches are copied before the call rather than during it."""
+    encoding, errors, unbuffered, _warnings = plan
+    for fd, write in ((0, False), (1, True), (2, True)):
+        try:
+            make_stdio(fd, write, encoding, errors, unbuffered, "<warm>").detach()
+        except (OSError, ValueError):
+            pass
+
+
+#: The streams replaced by ``rebuild_stdio``, kept: freeing the server's would write to
+#: (copy) their pages for nothing, and they hold no fd of their own (closefd=False).
+_replaced_stdio: list[object] = []
+
+
+def rebuild_stdio(closed_flags: int, plan: StdioPlan | None = None) -> None:
+    """Re-create sys.stdin/stdout/stderr for fds 0/1/2 and the current os.environ, as a
+    fresh interpreter started with this environment would (``create_stdio``); ``plan``:
+    from ``plan_stdio`` for this environment, if already made."""
+    encoding, errors, unbuffered, warnings = plan if plan is not None else plan_stdio()
+    for text in warnings:
+        try:
+            os.write(2, text)
+        except OSError:
+            pass
     streams: list[io.TextIOWrapper | None] = []
     for fd, write, name in ((0, False, "<stdin>"), (1, True, "<stdout>"), (2, True, "<stderr>")):
         if closed_flags & (1 << fd):
@@ -206,6 +243,8 @@ def rebuild_stdio(closed_flags: int) -> None:
             continue
         err = "backslashreplace" if fd == 2 else errors
         streams.append(make_stdio(fd, write, encoding, err, unbuffered, name))
+    _replaced_stdio.extend((sys.stdin, sys.stdout, sys.stderr,
+                            sys.__stdin__, sys.__stdout__, sys.__stderr__))
     sys.stdin, sys.stdout, sys.stderr = streams
     sys.__stdin__, sys.__stdout__, sys.__stderr__ = streams  # type: ignore[misc]
 

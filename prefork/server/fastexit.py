@@ -31,7 +31,9 @@ unfreezing the heap so that the final collection finds the cycles the server mad
 
 from __future__ import annotations
 
+import atexit
 import gc
+import io
 import os
 import signal
 import sys
@@ -242,8 +244,6 @@ def _flush_open_files() -> None:
     """Flush every open file object, as their deallocation at teardown would: those
     created during the call, and those created before the fork (recorded at freeze time,
     since the frozen heap is invisible to ``gc.get_objects``)."""
-    import io
-
     kinds = (io.BufferedWriter, io.BufferedRandom, io.TextIOWrapper)
     files: list[Any] = [o for o in gc.get_objects() if isinstance(o, kinds)]
     files += [o for o in (r() for r in _pre_fork_files) if o is not None]
@@ -266,8 +266,6 @@ _pre_fork_files: list[weakref.ref[object]] = []
 def remember_open_files() -> None:
     """In the server, just before ``gc.freeze()``: note the open file objects, so that an
     executor can flush them at its fast exit."""
-    import io
-
     kinds = (io.BufferedWriter, io.BufferedRandom, io.TextIOWrapper)
     _pre_fork_files[:] = [weakref.ref(o) for o in gc.get_objects()
                           if isinstance(o, kinds) and not o.closed]
@@ -277,8 +275,6 @@ def full_teardown_at_exit() -> None:
     """For an executor that ends with the interpreter's own shutdown: unfreeze the heap at
     exit, so that the final collection finds the cycles created before the fork (the
     ``__main__`` globals, their objects and files), as in a direct run."""
-    import atexit
-
     atexit.register(gc.unfreeze)
 
 
@@ -320,8 +316,6 @@ def finish(status: int | None, exc: BaseException | None) -> None:
                 threading._shutdown()
             except BaseException as e:  # noqa: BLE001
                 _unraisable(e, "Exception ignored on threading shutdown", threading)
-        import atexit
-
         atexit._run_exitfuncs()
         if not _flush_std_files():
             status = 120

@@ -1,19 +1,30 @@
 """The server: one process, one event loop, one fork per call.
 
 The server is its own monitor: for every call it sends the greeting, reads the request
-without blocking, forks the executor, and then watches both the executor (SIGCHLD through
-``signal.set_wakeup_fd``, reaped in the loop with ``waitpid(-1, WNOHANG|WUNTRACED|
+without blocking, hands it to an executor, and then watches both the executor (SIGCHLD
+through ``signal.set_wakeup_fd``, reaped in the loop with ``waitpid(-1, WNOHANG|WUNTRACED|
 WCONTINUED)``) and the call socket (EOF: the client is gone; x1 records: signals to forward).
 When the executor exits, its wait status goes back to the client.
 
-``Server.run()`` returns only in a forked executor (with ``Call`` of that call); the server
-process itself always ends in ``os._exit``.
+The executor of a call is forked *before* the call: the server keeps one ready executor (a
+"spare"), forked when the server starts and again each time the spare takes a call.  The
+spare has already done everything that does not depend on the call (its own process group,
+PDEATHSIG, the script's signal handlers, none of the server's fds) and waits, every signal
+blocked, on its end of a socket pair; the call's fds and a ``marshal``-ed summary of the
+request (argv, environment if it differs from the spare's, umask, flags, client pid) come
+through it.  The fork and that set-up -- most of an executor's start -- are thus off the
+caller's path; still one fork per call.
+
+``Server.run()`` returns only in an executor, once it has taken on its call; the server
+process itself always ends in ``os._exit``.  Below, a method returning True means the same:
+this process is now an executor, unwind to ``run()``.
 """
 
 from __future__ import annotations
 
 import _signal
 import errno
+import marshal
 import os
 import selectors
 import signal
@@ -71,6 +82,24 @@ class Call:
         self.pending = b""
 
 
+class Spare:
+    """The ready executor: its pid and the server's end of its socket pair."""
+
+    __slots__ = ("dispatch_sock", "environ", "pid")
+
+    def __init__(self, pid: int, dispatch_sock: socket.socket, environ: object) -> None:
+        self.pid = pid
+        self.dispatch_sock: socket.socket | None = dispatch_sock
+        #: ``Server.environ`` when it was forked: the environment it already has.
+        self.environ = environ
+
+
+#: What a spare receives first: the payload's length, then ``len(fds)``; the fds ride on it.
+_DISPATCH_HEAD = struct.Struct("=IB")
+#: A dispatch must be taken within this (a spare that does not read is killed).
+DISPATCH_TIMEOUT = 5.0
+
+
 class Server:
     """The accept / fork / reap loop (see module docstring)."""
 
@@ -78,7 +107,8 @@ class Server:
                  watch_in_fd: int, watch_err_fd: int, birth_ns: int, log: ServerLog,
                  max_servers: int, idle_timeout: float | None, autoreload: Autoreload | None,
                  saved_signals: Mapping[int, object], keep_fds: set[int], script: str,
-                 prctl: Callable[..., int] | None) -> None:
+                 prctl: Callable[..., int] | None,
+                 set_title: Callable[[str], None] | None = None) -> None:
         self.listen_sock: socket.socket | None = listen_sock
         self.first_call_sock = call_sock
         self.watch_in_fd = watch_in_fd
@@ -92,6 +122,7 @@ class Server:
         self.keep_fds = keep_fds
         self.script = script
         self.prctl = prctl
+        self.set_title = set_title
         self.server_pid = os.getpid()
         self.calls: dict[socket.socket, Call] = {}
         self.by_pid: dict[int, Call] = {}
@@ -104,6 +135,9 @@ class Server:
         self.threads_warned = False
         #: The environment last set for a call (see _start), and the names it had to skip.
         self.environ: tuple[list[tuple[bytes, bytes]], list[bytes]] | None = None
+        #: The ready executor (see module docstring), and every spare not reaped yet.
+        self.spare: Spare | None = None
+        self.spare_pids: set[int] = set()
 
     # ------------------------------------------------------------ set-up
 
@@ -115,8 +149,8 @@ class Server:
     def _note_signal(self, signum: int, frame: object) -> None:
         """Handlers only wake the loop (the byte arrives on ``wake_r``)."""
 
-    def run(self) -> Call:
-        """Serve until told to quit; returns only in an executor, with its call."""
+    def run(self) -> None:
+        """Serve until told to quit; returns only in an executor, ready to run its call."""
         self._install_signals()
         self.sel.register(self.wake_r, selectors.EVENT_READ, "wake")
         self.sel.register(self.watch_err_fd, selectors.EVENT_READ, "watch")
@@ -124,10 +158,11 @@ class Server:
         self._set_accepting(True)
         self.log.info(f"server started (pid {os.getpid()}, max_servers {self.max_servers}, "
                       f"idle timeout {self.idle_timeout})")
+        if self._fork_spare():
+            return
         while True:
-            child_call = self._step()
-            if child_call is not None:
-                return child_call
+            if self._step():
+                return
 
     # ------------------------------------------------------------ the loop
 
@@ -148,8 +183,9 @@ class Server:
             return None
         return max(0.0, min(deadlines) - now)
 
-    def _step(self) -> Call | None:
-        if self.quitting is not None and not self.calls and not self.by_pid:
+    def _step(self) -> bool:
+        if self.quitting is not None and not self.calls and not self.by_pid \
+                and not self.spare_pids:
             self.log.info(f"quitting: {self.quitting}")
             os._exit(0)
         now = time.monotonic()
@@ -166,17 +202,13 @@ class Server:
             elif tag == "watch":
                 self._watch_event()
             elif tag == "listen":
-                child = self._accept()
-                if child is not None:
-                    return child
-            else:
-                child = self._call_readable(tag)
-                if child is not None:
-                    return child
+                self._accept()
+            elif self._call_readable(tag):
+                return True
         if reap:
             self._reap()
         self._timers(now)
-        return None
+        return False
 
     def _drain_wakeups(self) -> None:
         try:
@@ -206,6 +238,7 @@ class Server:
         if self.quitting is not None:
             return
         self.quitting = why
+        self._drop_spare()
         if self.by_pid:
             self.log.info(f"stopped accepting ({why}): {len(self.by_pid)} running call(s) "
                           "will finish first")
@@ -253,23 +286,23 @@ class Server:
 
     # ------------------------------------------------------------ connections
 
-    def _accept(self) -> Call | None:
+    def _accept(self) -> None:
         if self.listen_sock is None or not self.accepting:
-            return None  # stopped accepting earlier in this batch of events (e.g. quitting)
+            return  # stopped accepting earlier in this batch of events (e.g. quitting)
         if self.autoreload is not None:
             why = self.autoreload.stale()
             if why is not None:
                 self.log.info(f"reloading: {why} changed since the server started")
                 self._begin_quit(f"stale ({why})")
-                return None
+                return
         while self.accepting and not self._full():
             try:
                 conn, _ = self.listen_sock.accept()
             except BlockingIOError:
-                return None
+                return
             except OSError as e:
                 self.log.warning(f"accept failed: {e}")
-                return None
+                return
             creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
             pid, uid, _gid = _PEERCRED.unpack(creds)
             if uid != self.uid:
@@ -280,7 +313,6 @@ class Server:
             self._add_call(conn)
         if self._full():
             self._set_accepting(False)
-        return None
 
     def _add_call(self, sock: socket.socket) -> None:
         self.last_activity = time.monotonic()
@@ -318,23 +350,24 @@ class Server:
         call.sock.close()
         call.sock = None
 
-    def _call_readable(self, sock: socket.socket) -> Call | None:
+    def _call_readable(self, sock: socket.socket) -> bool:
         call = self.calls.get(sock)
         if call is None:
-            return None
+            return False
         maxfds = protocol.X1_FDS
         # A request comes in several messages (a v1 client sends each fd on its own): read
         # on until the socket is empty, rather than one message per turn of the loop.
         for _ in range(_READS_PER_TURN):
             try:
-                child = self._read_call(call, sock, maxfds)
+                if self._read_call(call, sock, maxfds):
+                    return True
             except BlockingIOError:
-                return None
-            if child is not None or call.parser is None or call.sock is None:
-                return child
-        return None
+                return False
+            if call.parser is None or call.sock is None:
+                return False
+        return False
 
-    def _read_call(self, call: Call, sock: socket.socket, maxfds: int) -> Call | None:
+    def _read_call(self, call: Call, sock: socket.socket, maxfds: int) -> bool:
         """One read from a call's socket (see ``_call_readable``); ``BlockingIOError`` when
         there is nothing to read."""
         try:
@@ -356,24 +389,24 @@ class Server:
                     self.log.warning("rejected a call: the client closed the connection "
                                      "before the request was complete")
                 self._drop(call)
-                return None
+                return False
             try:
                 req = call.parser.feed(data, fds)
             except protocol.ProtocolError as e:
                 self.log.warning(f"rejected a call: {e}")
                 self._drop(call)
-                return None
+                return False
             if req is None:
-                return None
+                return False
             rest = call.parser.rest
             call.parser = None
             return self._start(call, req, rest)
         if not data:
             self._client_gone(call)
-            return None
+            return False
         if call.extended:
             self._records(call, data)
-        return None
+        return False
 
     def _records(self, call: Call, data: bytes) -> None:
         recs, call.pending = protocol.decode_records(call.pending + data)
@@ -427,8 +460,91 @@ class Server:
 
     # ------------------------------------------------------------ executors
 
-    def _start(self, call: Call, req: protocol.Request, rest: bytes) -> Call | None:
-        """Fork the executor for a complete request."""
+    def _start(self, call: Call, req: protocol.Request, rest: bytes) -> bool:
+        """Hand a complete request to the spare (forked now if there is none), then fork
+        the next spare."""
+        # The caller's environment is set in the server too, so that the next spares have
+        # it already: most calls bring the same environment as the one before, and then
+        # neither the server nor the spare has anything to do.  (In an executor even
+        # comparing it would write to -- copy -- every page its entries live on.)
+        if self.environ is None or self.environ[0] != req.env:
+            self.environ = (req.env, executor.replace_environ(req.env))
+        client_pid = 0
+        if req.extended and call.sock is not None:
+            try:
+                client_pid = _PEERCRED.unpack(call.sock.getsockopt(
+                    socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))[0]
+            except OSError:
+                pass
+        pid = None
+        for _attempt in range(2):  # a spare that died meanwhile is replaced, once
+            if self.spare is None and self._fork_spare(needed=True):
+                return True
+            pid = self._dispatch(req, client_pid)
+            if pid is not None:
+                break
+        for fd in req.fds:
+            os.close(fd)
+        if pid is None:
+            self.log.error("could not start an executor for a call: dropped it")
+            self._forget_sock(call)
+            return False
+        call.pid = pid
+        call.extended = req.extended
+        self.by_pid[pid] = call
+        if self._full():
+            self._set_accepting(False)
+        if req.extended:
+            self._send(call, protocol.encode_record(protocol.REC_PID, pid))
+            if rest:
+                self._records(call, rest)
+        return self._fork_spare()
+
+    def _dispatch(self, req: protocol.Request, client_pid: int) -> int | None:
+        """Send the call to the spare, which becomes its executor: its pid, or None if the
+        spare could not take it (it is then killed and forgotten)."""
+        spare, self.spare = self.spare, None
+        if spare is None or spare.dispatch_sock is None:
+            return None
+        sock, spare.dispatch_sock = spare.dispatch_sock, None
+        env = None if spare.environ is self.environ else req.env
+        payload = marshal.dumps((req.extended, req.argv, env, req.umask, req.flags,
+                                 client_pid))
+        try:
+            sock.settimeout(DISPATCH_TIMEOUT)
+            fdio.send_fds(sock, _DISPATCH_HEAD.pack(len(payload), len(req.fds)) + payload,
+                          req.fds)
+        except OSError as e:
+            self.log.warning(f"ready executor {spare.pid} could not take a call ({e}): "
+                             "replacing it")
+            self._kill_spare(spare.pid)
+            return None
+        finally:
+            sock.close()
+        self.spare_pids.discard(spare.pid)
+        return spare.pid
+
+    def _kill_spare(self, pid: int) -> None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def _drop_spare(self) -> None:
+        """Let the spare go (quitting): it is killed, and reaped like any child."""
+        spare, self.spare = self.spare, None
+        if spare is None:
+            return
+        if spare.dispatch_sock is not None:
+            spare.dispatch_sock.close()
+            spare.dispatch_sock = None
+        self._kill_spare(spare.pid)
+
+    def _fork_spare(self, *, needed: bool = False) -> bool:
+        """Fork the next ready executor (while quitting, only one ``needed`` for a call
+        already accepted).  True in it, once it has been given its call and taken it on."""
+        if self.spare is not None or (self.quitting is not None and not needed):
+            return False
         if not self.threads_warned:
             # Not imported here if the script did not: threading's fork handler costs every
             # executor a quarter of a millisecond.  Without the module there are no threads.
@@ -439,87 +555,109 @@ class Server:
                                  "calling thread exists in executors (see README)")
         sys.stdout.flush()
         sys.stderr.flush()
-        # The caller's environment is set here, before the fork, and the child inherits it:
-        # in the child even comparing it would write to (copy) every page its entries live
-        # on.  The server itself reads no environment variable after its start-up.  Most
-        # calls bring the same environment as the one before: then there is nothing to do.
-        if self.environ is None or self.environ[0] != req.env:
-            self.environ = (req.env, executor.replace_environ(req.env))
-        skipped = self.environ[1]
-        # Every signal stays blocked across the fork: until the child has dropped our
-        # wakeup fd and handlers, a signal sent to it (the SIGINT of a client gone at once)
-        # would land in the server's wakeup pipe and be taken for the server's own; and
-        # until it has the caller's fds, stdio and the script's handlers, a forwarded
-        # signal would be handled by the wrong code.  The child unblocks them when done:
-        # pending ones are then delivered as if they had arrived just then.
+        server_end, spare_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Every signal stays blocked across the fork, and in the spare until it has its
+        # call: until it has dropped our wakeup fd and handlers, a signal sent to it would
+        # land in the server's wakeup pipe and be taken for the server's own; and until it
+        # has the caller's fds, stdio and the script's handlers, a forwarded signal would
+        # be handled by the wrong code.  Pending ones are delivered when it unblocks them,
+        # as if they had arrived just then.
         old_mask = _signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as e:
+            _signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            server_end.close()
+            spare_end.close()
+            self.log.error(f"cannot fork an executor: {e}")
+            return False
         if pid == 0:
-            self._become_executor(call, req, skipped)
-            return call
+            server_end.close()
+            self._become_spare(spare_end)
+            return True
         _signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        spare_end.close()
         try:
             os.setpgid(pid, pid)
         except (PermissionError, ProcessLookupError):
             pass  # the child already did it (EACCES after its exec-free start) or is gone
-        for fd in req.fds:
-            os.close(fd)
-        call.pid = pid
-        call.extended = req.extended
-        self.by_pid[pid] = call
-        if self._full():
-            self._set_accepting(False)
-        if req.extended:
-            self._send(call, protocol.encode_record(protocol.REC_PID, pid))
-            if rest:
-                self._records(call, rest)
-        return None
+        self.spare = Spare(pid, server_end, self.environ)
+        self.spare_pids.add(pid)
+        return False
 
-    def _become_executor(self, call: Call, req: protocol.Request, skipped: list[bytes]
-                         ) -> None:
-        """In the child: drop everything of the server's, then take on the call (whose
-        environment is already in place: ``skipped`` are the entries that could not be)."""
+    def _become_spare(self, dispatch_sock: socket.socket) -> None:
+        """In the new child: drop everything of the server's, wait for a call, take it on.
+        Exits quietly when the server lets it go (EOF) instead."""
         try:
             os.setpgid(0, 0)
             executor.set_pdeathsig(signal.SIGKILL, self.prctl)
             if os.getppid() != self.server_pid:  # the server died before PDEATHSIG was set
                 os._exit(1)
             executor.restore_signals(self.saved_signals)
-            blocked: list[int] = []
-            if req.extended and call.sock is not None:
-                client = _PEERCRED.unpack(call.sock.getsockopt(
-                    socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))[0]
-                blocked = executor.inherit_from_client(client)
             for other in list(self.calls.values()):
-                if other.sock is not None and other is not call:
+                if other.sock is not None:
                     other.sock.close()
             for other in self.by_pid.values():
                 if other.sock is not None:
                     other.sock.close()
-            if call.sock is not None:
-                call.sock.close()
-                call.sock = None
             if self.listen_sock is not None:
                 self.listen_sock.close()
             self.sel.close()
             self.log.close()
-            keep = set(self.keep_fds) | set(req.fds)
-            executor.close_fds_except(keep | {0, 1, 2})
-            executor.install_fds(req)
-            if req.umask is not None:
-                os.umask(req.umask)
-            executor.set_argv(req)
-            executor.rebuild_stdio(req.flags)
-            if skipped:
-                print(f"prefork: warning: environment entries with invalid names dropped: "
-                      f"{skipped!r}", file=sys.stderr)
-            # Blocked since before the fork; now the caller's mask, as across exec.
-            _signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            executor.close_fds_except(set(self.keep_fds) | {0, 1, 2, dispatch_sock.fileno()})
+            if self.set_title is not None:
+                self.set_title(f"{self.script} [spare]")
+            # The stdio settings for the environment the spare has (usually the call's), and
+            # the pages building the streams touches, before the call.
+            plan = executor.plan_stdio()
+            executor.warm_stdio(plan)
+            self._take_call(dispatch_sock, plan)
         except BaseException as e:  # noqa: BLE001 - the child must never run on as a server
             try:
                 os.write(2, f"prefork: failed to set up the executor: {e!r}\n".encode())
             finally:
                 os._exit(127)
+
+    def _take_call(self, dispatch_sock: socket.socket, plan: executor.StdioPlan) -> None:
+        """In the spare: receive the call (see ``_dispatch``) and take it on."""
+        head, fds = fdio.recv_with_fds(dispatch_sock, _DISPATCH_HEAD.size, protocol.X1_FDS)
+        if not head and not fds:
+            os._exit(0)  # let go by the server
+        if len(head) < _DISPATCH_HEAD.size:
+            head += fdio.read_exactly(dispatch_sock, _DISPATCH_HEAD.size - len(head))
+        length, nfds = _DISPATCH_HEAD.unpack(head)
+        if len(fds) != nfds:
+            raise RuntimeError(f"expected {nfds} fds from the server, got {len(fds)}")
+        extended, argv, env, umask, flags, client_pid = marshal.loads(
+            fdio.read_exactly(dispatch_sock, length))
+        dispatch_sock.close()
+        req = protocol.Request(extended, fds, env or [], argv, umask, flags, client_pid)
+        blocked = executor.inherit_from_client(client_pid) if extended else []
+        if env is not None:
+            skipped = executor.replace_environ(env)
+            plan = executor.plan_stdio()
+        else:
+            skipped = self.environ[1] if self.environ is not None else []
+        executor.install_fds(req)
+        if req.umask is not None:
+            os.umask(req.umask)
+        executor.set_argv(req)
+        executor.rebuild_stdio(req.flags, plan)
+        if skipped:
+            print(f"prefork: warning: environment entries with invalid names dropped: "
+                  f"{skipped!r}", file=sys.stderr)
+        # Blocked since before the fork; now the caller's mask, as across exec.
+        _signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+    def _reaped_spare(self, pid: int, status: int) -> None:
+        """A spare that had no call stopped, went on, or ended."""
+        if os.WIFSTOPPED(status) or os.WIFCONTINUED(status):
+            return
+        self.spare_pids.discard(pid)
+        if self.spare is not None and self.spare.pid == pid:
+            self.log.warning(f"ready executor {pid} ended before it had a call "
+                             f"(status {status:#x}): another is forked for the next call")
+            self._drop_spare()
 
     def _reap(self) -> None:
         while True:
@@ -529,6 +667,9 @@ class Server:
                 return
             if pid == 0:
                 return
+            if pid in self.spare_pids:
+                self._reaped_spare(pid, status)
+                continue
             call = self.by_pid.get(pid)
             if call is None:
                 self.log.warning(f"reaped process {pid} that was not one of ours "

@@ -357,3 +357,25 @@ def test_other_process_attributes_are_the_servers(make_probe: ProbeFactory) -> N
         outs[how] = (rc, out)
     assert outs["direct"] == (0, b"345\n")
     assert outs["warm"][0] == 0 and outs["warm"][1] != b"345\n"
+
+
+def test_fork_hooks_run_before_the_call(make_probe: ProbeFactory) -> None:
+    """``os.register_at_fork(after_in_child=...)`` hooks run when the executor is forked,
+    which is ahead of its call (the server keeps one executor ready): in the hook, argv and
+    the environment are still the server's, not the call's.  Directly they do not run.
+    (The warm-up call that started the server came without ``PF_WHO`` and arguments.)"""
+    probe = make_probe(r'''
+        print(json.dumps({"hook": SEEN, "now": [os.environ.get("PF_WHO"), sys.argv[1:]]}))
+    ''', pre=r'''
+        import json
+        SEEN = []
+        os.register_at_fork(
+            after_in_child=lambda: SEEN.append([os.environ.get("PF_WHO"), sys.argv[1:]]))
+    ''')
+    env = dict(probe.env, PF_WHO="caller")
+    direct = probe.run("direct", "arg", env=env)
+    assert json.loads(direct.out) == {"hook": [], "now": ["caller", ["arg"]]}
+    warm = json.loads(probe.run("warm", "arg", env=env).out)
+    # (The server's own start, a fork too, ran the hook once more, in the server.)
+    assert warm["hook"] and all(seen == [None, []] for seen in warm["hook"]), warm
+    assert warm["now"] == ["caller", ["arg"]]
