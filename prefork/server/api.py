@@ -168,12 +168,13 @@ def _serve(spec: object, max_servers: int, idle_timeout: float | None, autoreloa
                         keep_fds=keep, script=script, prctl=prctl, set_title=_title)
         import gc
 
-        from prefork.server.fastexit import remember_open_files
+        from prefork.server.fastexit import remember_main_globals, remember_open_files
 
         # The fast exit is armed once, here, for all executors (not in each of them).
         fast = fast_exit and fastexit.install()
         gc.collect()
         remember_open_files()
+        remember_main_globals()
         gc.freeze()
         # glibc returns the heap's free pages to the kernel: fewer to copy at every fork.
         trim = getattr(libc, "malloc_trim", None)

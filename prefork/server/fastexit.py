@@ -37,6 +37,7 @@ import io
 import os
 import signal
 import sys
+import types
 import weakref
 
 TYPE_CHECKING = False
@@ -278,15 +279,41 @@ def full_teardown_at_exit() -> None:
     atexit.register(gc.unfreeze)
 
 
+#: Names of ``__main__`` bound, when the server froze its heap, to a module, class or
+#: function: not looked at by ``_release_main_globals``.
+_static_main_names: frozenset[str] = frozenset()
+_STATIC_KINDS = (types.ModuleType, type, types.FunctionType, types.BuiltinFunctionType)
+
+
+def remember_main_globals() -> None:
+    """In the server, just before ``gc.freeze()``: note which ``__main__`` globals name
+    modules, classes and functions.  Reading a global's value writes to the page of that
+    object (its reference count), and copy-on-write then copies the page: for a script
+    with a hundred imports, a tenth of a millisecond at every exit, for globals that a call
+    does not rebind."""
+    global _static_main_names
+    main = sys.modules.get("__main__")
+    if main is not None:
+        _static_main_names = frozenset(
+            name for name, value in main.__dict__.items()
+            if isinstance(name, str) and isinstance(value, _STATIC_KINDS))
+
+
 def _release_main_globals() -> None:
     """Drop what __main__ created during the call (objects tracked by the GC since the
-    fork: the server's heap is frozen), so finalizers run as they would at shutdown."""
+    fork: the server's heap is frozen), so finalizers run as they would at shutdown.
+    (Names that held a module, class or function in the server are skipped: see
+    ``remember_main_globals``.)"""
     main = sys.modules.get("__main__")
     if main is None:
         return
     recent = {id(o) for o in gc.get_objects()}
     d = main.__dict__
-    for name in [n for n, v in d.items() if id(v) in recent and not n.startswith("__")]:
+    static = _static_main_names
+    # Iterating the keys alone writes to nothing: they are interned, immortal strings.
+    names = [n for n in list(d)
+             if not (isinstance(n, str) and (n in static or n.startswith("__")))]
+    for name in [n for n in names if id(d.get(n)) in recent]:
         try:
             del d[name]
         except KeyError:

@@ -7,13 +7,15 @@ WCONTINUED)``) and the call socket (EOF: the client is gone; x1 records: signals
 When the executor exits, its wait status goes back to the client.
 
 The executor of a call is forked *before* the call: the server keeps one ready executor (a
-"spare"), forked when the server starts and again each time the spare takes a call.  The
-spare has already done everything that does not depend on the call (its own process group,
-PDEATHSIG, the script's signal handlers, none of the server's fds) and waits, every signal
-blocked, on its end of a socket pair; the call's fds and a ``marshal``-ed summary of the
-request (argv, environment if it differs from the spare's, umask, flags, client pid) come
-through it.  The fork and that set-up -- most of an executor's start -- are thus off the
-caller's path; still one fork per call.
+"spare"), forked when the server starts, and again once a call has ended (or none runs):
+not while the call just handed out runs, where the fork would compete with it.  A call
+that finds no spare gets one forked on the spot.  The spare has already done everything
+that does not depend on the call (its own process group, PDEATHSIG, the script's signal
+handlers, none of the server's fds, the stdio settings for the environment it has) and
+waits, every signal blocked, on its end of a socket pair; the call's fds and a
+``marshal``-ed summary of the request (argv, environment if it differs from the spare's,
+umask, flags, client pid) come through it.  The fork and that set-up -- most of an
+executor's start -- are thus off the caller's path; still one fork per call.
 
 ``Server.run()`` returns only in an executor, once it has taken on its call; the server
 process itself always ends in ``os._exit``.  Below, a method returning True means the same:
@@ -138,6 +140,7 @@ class Server:
         #: The ready executor (see module docstring), and every spare not reaped yet.
         self.spare: Spare | None = None
         self.spare_pids: set[int] = set()
+        self.call_ended = False
 
     # ------------------------------------------------------------ set-up
 
@@ -208,6 +211,12 @@ class Server:
         if reap:
             self._reap()
         self._timers(now)
+        # The next spare is forked once no call is left running, or when one has just
+        # ended: not while a call that was just handed out runs, where the fork (long for
+        # a big heap) would hold up the server's reply to it, on the same few cores.
+        if self.spare is None and (self.call_ended or not self.by_pid):
+            self.call_ended = False
+            return self._fork_spare()
         return False
 
     def _drain_wakeups(self) -> None:
@@ -461,8 +470,8 @@ class Server:
     # ------------------------------------------------------------ executors
 
     def _start(self, call: Call, req: protocol.Request, rest: bytes) -> bool:
-        """Hand a complete request to the spare (forked now if there is none), then fork
-        the next spare."""
+        """Hand a complete request to the spare (forked now if there is none; the next one
+        is forked later, see ``_step``)."""
         # The caller's environment is set in the server too, so that the next spares have
         # it already: most calls bring the same environment as the one before, and then
         # neither the server nor the spare has anything to do.  (In an executor even
@@ -498,7 +507,7 @@ class Server:
             self._send(call, protocol.encode_record(protocol.REC_PID, pid))
             if rest:
                 self._records(call, rest)
-        return self._fork_spare()
+        return False
 
     def _dispatch(self, req: protocol.Request, client_pid: int) -> int | None:
         """Send the call to the spare, which becomes its executor: its pid, or None if the
@@ -685,6 +694,7 @@ class Server:
                     self._send(call, protocol.encode_record(protocol.REC_CONTINUED, 0))
                 continue
             del self.by_pid[pid]
+            self.call_ended = True
             self.last_activity = time.monotonic()
             if os.WIFSIGNALED(status) and os.WTERMSIG(status) not in (
                     signal.SIGPIPE, signal.SIGINT, signal.SIGKILL) and call.kill_at is None:

@@ -20,6 +20,7 @@ from prefork.common import protocol
 
 from .conftest import (
     INTERPRETERS,
+    Probe,
     ProbeFactory,
     pty_spawn,
     pty_status,
@@ -242,13 +243,27 @@ def test_signal_while_the_executor_is_being_set_up(make_probe: ProbeFactory, tmp
     assert again.status == "exit 0" and again.out == b"ready\n"
 
 
+def _occupy(probe: Probe) -> subprocess.Popen[bytes]:
+    """A call that runs until its stdin is closed: while it runs, the server has no spare
+    (it forks the next one once a call ends), so the next call's executor is forked for it,
+    after its request has arrived."""
+    p = probe.popen("warm")
+    assert read_line(p) == b"ready\n"
+    return p
+
+
+def _end(p: subprocess.Popen[bytes]) -> None:
+    out, err = p.communicate(b"", timeout=scaled(20))
+    assert (p.returncode, out, err) == (0, b"", b"")
+
+
 def test_signal_before_the_executor_exists(make_probe: ProbeFactory, tmp_path: Path) -> None:
-    """The server is held (in the hook before a fork: that of the next spare, once this
-    call was handed out) when the client is signalled: the record waits in the socket and
-    is delivered to the executor once the server goes on."""
+    """The server is held before the fork of the call's executor when the client is
+    signalled: the record waits in the socket and is delivered once the executor exists."""
     probe = make_probe(HELD_BODY, pre=HELD)
     hold = Hold(tmp_path)
     probe.prepare("warm")
+    busy = _occupy(probe)
     hold.arm("before")
     p = probe.popen("warm")
     fd, _server = hold.reached()
@@ -259,17 +274,19 @@ def test_signal_before_the_executor_exists(make_probe: ProbeFactory, tmp_path: P
     assert lines == {b"handler 10\n", b"ready\n"}
     _, err = p.communicate(b"", timeout=scaled(20))
     assert p.returncode == 0 and err == b""
+    _end(busy)
 
 
 @pytest.mark.parametrize("split", ["same-packet", "before-fork"])
 def test_signal_record_with_the_request_tail(make_probe: ProbeFactory, tmp_path: Path,
                                              rundir: str, split: str) -> None:
     """A raw x1 client sends the 'S' record in the same packet as the end of its request
-    (or while the server is held at a fork: that of the next spare, once this call was
-    handed out): the executor still gets the signal, in the script's handler."""
+    (or while the server is held before the fork of the call's executor): the executor
+    still gets the signal, in the script's handler."""
     probe = make_probe(HELD_BODY, pre=HELD)
     hold = Hold(tmp_path)
     probe.prepare("warm")
+    busy = _occupy(probe) if split == "before-fork" else None
     sock = raw_connect(socket_file(rundir))
     r_out, w_out = os.pipe()
     r_in, w_in = os.pipe()
@@ -302,6 +319,8 @@ def test_signal_record_with_the_request_tail(make_probe: ProbeFactory, tmp_path:
     recs, _ = protocol.decode_records(_drain(sock))
     assert (protocol.REC_STATUS, 0) in recs
     sock.close()
+    if busy is not None:
+        _end(busy)
 
 
 def _drain(sock: object) -> bytes:
