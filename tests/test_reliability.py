@@ -564,3 +564,18 @@ def test_spare_goes_with_its_server(rig: Rig) -> None:
     os.kill(server, signal.SIGKILL)
     wait_for(lambda: all_gone(server, spare), what="the spare gone with its server")
     assert rig.ping("fresh") != server
+
+
+def test_call_with_unusable_stdio_encoding_fails_clearly_and_the_next_is_served(
+        rig: Rig) -> None:
+    """A call whose environment names an unknown PYTHONIOENCODING (a direct run would die at
+    start-up) gets one clear line and status 127; the server, whose next spare is forked
+    with that environment, serves the calls after it as usual."""
+    server = rig.ping("first")
+    bad = dict(rig.env, PYTHONIOENCODING="no-such-codec")
+    rc, out, err = rig.call("ping", env=bad)
+    assert (rc, out) == (127, b"")
+    assert err.startswith(b"prefork: failed to set up the executor: LookupError(") \
+        and b"no-such-codec" in err and err.count(b"\n") == 1, err
+    assert rig.ping("after", env=bad | {"PYTHONIOENCODING": "utf-8"}) == server
+    assert rig.ping("again") == server

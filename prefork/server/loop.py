@@ -618,8 +618,12 @@ class Server:
                 self.set_title(f"{self.script} [spare]")
             # The stdio settings for the environment the spare has (usually the call's), and
             # the pages building the streams touches, before the call.
-            plan = executor.plan_stdio()
-            executor.warm_stdio(plan)
+            plan: executor.StdioPlan | None
+            try:
+                plan = executor.plan_stdio()
+                executor.warm_stdio(plan)
+            except Exception:  # noqa: BLE001 - e.g. an unknown PYTHONIOENCODING: decided
+                plan = None    # again with the call, whose stderr then gets the error
             self._take_call(dispatch_sock, plan)
         except BaseException as e:  # noqa: BLE001 - the child must never run on as a server
             try:
@@ -627,7 +631,8 @@ class Server:
             finally:
                 os._exit(127)
 
-    def _take_call(self, dispatch_sock: socket.socket, plan: executor.StdioPlan) -> None:
+    def _take_call(self, dispatch_sock: socket.socket, plan: executor.StdioPlan | None
+                   ) -> None:
         """In the spare: receive the call (see ``_dispatch``) and take it on."""
         head, fds = fdio.recv_with_fds(dispatch_sock, _DISPATCH_HEAD.size, protocol.X1_FDS)
         if not head and not fds:
@@ -644,7 +649,7 @@ class Server:
         blocked = executor.inherit_from_client(client_pid) if extended else []
         if env is not None:
             skipped = executor.replace_environ(env)
-            plan = executor.plan_stdio()
+            plan = None  # decided for this environment by rebuild_stdio, errors to the caller
         else:
             skipped = self.environ[1] if self.environ is not None else []
         executor.install_fds(req)
