@@ -578,3 +578,26 @@ def test_no_color(rundir: str, env: dict[str, str], procs: ProcRegistry) -> None
     rc, plain, err = procs.run([str(CTL), "list", "--run-dir", rundir],
                                env={**base, "NO_COLOR": "1"})
     assert rc == 0 and k.ident[:12].encode() in plain and green not in plain, (plain, err)
+
+
+def test_show_idle_python_server_with_its_spare(rundir: str, env: dict[str, str],
+                                                procs: ProcRegistry) -> None:
+    """Between calls our server has one child, its spare (``SCRIPT [spare]``): ``show`` gives
+    it the role ``spare``, notes the hand-over socket on both sides, and counts no call."""
+    k = make_kind("ours", "python", rundir, env, None)
+    _rc, out = k.call(procs)
+    server = pids_of(out)["server"]
+
+    def settled() -> list[dict[str, Any]]:
+        [e] = ctl_json("show", k.ident[:10], "--run-dir", k.base)
+        kids = [c for c in e["server"]["children"] if not c["zombie"]]
+        ok = len(kids) == 1 and kids[0]["title"].endswith(" [spare]")
+        return [e] if ok else []
+    [e] = wait_for(settled, what="the server's spare in prefork-ctl show")
+    assert e["server"]["pid"] == server and e["calls"] == 0
+    [spare] = e["server"]["children"]
+    assert spare["role"] == "spare" and spare["ppid"] == server
+    spare_notes = [n["note"] for n in spare["fds"] if n["fd"] > 2]
+    assert spare_notes == ["hand-over socket: its call comes through it"], spare["fds"]
+    assert any(n["note"].startswith("hand-over socket of its spare")
+               for n in e["server"]["fds"]), e["server"]["fds"]

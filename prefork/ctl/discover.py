@@ -177,6 +177,13 @@ class _Scan:
     stats: dict[int, tuple[int, str]] = field(default_factory=dict)
     children: dict[int, list[int]] = field(default_factory=dict)
     listeners: dict[int, kernel.UnixListener] = field(default_factory=dict)
+    _named: set[int] | None = None
+
+    def named_unix_sockets(self) -> set[int]:
+        """Inodes of the Unix sockets that have a path name (read once, when needed)."""
+        if self._named is None:
+            self._named = kernel.named_unix_sockets()
+        return self._named
 
 
 # --------------------------------------------------------------------------- the scan
@@ -492,6 +499,12 @@ def _fd_notes(ctx: _Scan, pid: int, role: str, listen_inode: int | None,
                 note = "LISTEN: the server's listening socket"
             elif inode in ctx.listeners:
                 note = f"listening socket {ctx.listeners[inode].path}"
+            elif role == "spare":
+                note = "hand-over socket: its call comes through it"
+            elif role == "server" and inode not in ctx.named_unix_sockets():
+                # The calls' connections were accepted on the bound socket and carry its name.
+                note = ("hand-over socket of its spare (or, during the first call, that "
+                        "call's connection from setup)")
             elif role in ("server", "monitor"):
                 note = "a call's connection"
         elif target in (watchi, watche) and (role != "watcher" or fd <= 2):

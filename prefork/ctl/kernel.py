@@ -160,6 +160,22 @@ def _listeners_proc_net_unix() -> list[UnixListener]:
     return found
 
 
+def named_unix_sockets() -> set[int]:
+    """Inodes of the Unix sockets with a path name (bound ones, and the connections accepted
+    on them), from ``/proc/net/unix``; empty if it cannot be read."""
+    found = set()
+    try:
+        with open("/proc/net/unix", "rb") as f:
+            next(f, None)
+            for line in f:
+                parts = line.split(None, 7)
+                if len(parts) == 8 and parts[7].startswith(b"/"):
+                    found.add(int(parts[6]))
+    except (OSError, ValueError):
+        return set()
+    return found
+
+
 # --------------------------------------------------------------------------- fds
 
 
