@@ -382,3 +382,35 @@ def test_request_then_close_at_once_repeatedly(live: Live, null_fd: int) -> None
              what="every executor gone")
     assert "quitting" not in log_text(live.rundir)
     live.ping()
+
+
+SIGPIPE_DFL_SCRIPT = """
+import os, signal, sys
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)   # as CLIs do, to die quietly under `| head`
+import prefork
+prefork.initialisation_complete(log="file", autoreload=False)
+print("pong", os.getppid(), signal.getsignal(signal.SIGPIPE) == signal.SIG_DFL)
+"""
+
+
+def test_script_with_default_sigpipe_and_clients_gone_at_once(
+        rundir: str, env: dict[str, str], procs: ProcRegistry, null_fd: int) -> None:
+    """A script that restores SIGPIPE's default action before initialisation (as many CLIs
+    do) keeps it in its executors, but the server does not die of SIGPIPE when it writes to
+    a client already gone (the x1 pid record right after the hand-over, the status)."""
+    script = write_script(rundir, "pipe.py", SIGPIPE_DFL_SCRIPT)
+    rc, out, err = procs.run([script], env=env)
+    assert (rc, err) == (0, b"")
+    word, server, dfl = out.split()
+    assert (word, dfl) == (b"pong", b"True")
+    argv = [str(PYTHON).encode(), script.encode()]
+    for _ in range(30):
+        with raw_connect(socket_file(rundir)) as sock:
+            x1_head()(sock, null_fd)
+            sock.sendall(message([b"A=1"], argv) + GOOD_EXT)
+        with raw_connect(socket_file(rundir)) as sock:
+            v1_head()(sock, null_fd)
+            sock.sendall(message([b"A=1"], argv))
+    wait_idle(int(server))
+    rc, out, err = procs.run([script], env=env)
+    assert (rc, err) == (0, b"") and out.split()[1:] == [server, b"True"]

@@ -127,8 +127,11 @@ def _serve(spec: object, max_servers: int, idle_timeout: float | None, autoreloa
 
     script = sys.argv[0] if sys.argv else "?"
     log = ServerLog(script, log_target, os.path.join(run_dir, f"p{name[1:]}.log"))
+    # The dispositions the server changes (SIGPIPE: ignored, whatever the script chose, so
+    # that writing to a client already gone is an error, not the server's death), given
+    # back to the script in every executor.
     saved = {int(s): signal.getsignal(s) for s in
-             (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+             (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGPIPE)}
     reload = None
     if autoreload:
         reload = ar.Autoreload(spec.birth_ns, [*ar.module_files(), *_extra_reload_paths, *extra])

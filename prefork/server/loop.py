@@ -148,6 +148,7 @@ class Server:
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         for sig in _HANDLED:
             signal.signal(sig, self._note_signal)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # given back in executors (saved)
 
     def _note_signal(self, signum: int, frame: object) -> None:
         """Handlers only wake the loop (the byte arrives on ``wake_r``)."""
