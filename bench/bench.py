@@ -807,8 +807,10 @@ def _bounds(f: dict[str, float]) -> list[str]:
     if "heavy_warm" in f:
         out.append(
             f"**(c)** A warm call of the heavy script costs {f['heavy_warm']:.2f} ms: the "
-            f"client's floor (a) plus a bigger fork (more page tables; the fork handlers of "
-            f"`threading` and `logging`, which such scripts import). The ratio is the "
+            f"client's floor (a) plus what grows with the script: its `atexit` handlers "
+            f"(`logging`'s, ...) and the kernel's teardown of a bigger process at its exit, "
+            f"which comes before the server learns the status (the fork, and the fork "
+            f"handlers of `threading` and `logging`, come before the call). The ratio is the "
             f"script's direct time over that: scripts slower than "
             f"{15 * f['heavy_warm']:.0f} ms to start get 15x or more.")
     if "heap_slope" in f:
