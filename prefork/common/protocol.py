@@ -46,7 +46,7 @@ executor closes it again); unknown bits are ignored.
 After the request both directions carry 5-byte *records* ``tag:u8 value:u32be``:
 
 - client -> server ``S sig``: deliver signal ``sig`` to the executor's process group.
-- server -> client ``P pid``: the executor's pid (sent once, after the fork).
+- server -> client ``P pid``: the executor's pid (sent once, when the call is handed to it).
 - server -> client ``T sig``: the executor was stopped by ``sig``; the client stops itself.
 - server -> client ``C 0``: the executor was continued.
 - server -> client ``W status``: the final wait status; the server closes the connection.
