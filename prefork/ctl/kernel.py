@@ -142,38 +142,32 @@ def _decode_diag(msg: bytes) -> UnixListener | None:
     return UnixListener(inode, os.fsdecode(name.rstrip(b"\0")), vfs)
 
 
-def _listeners_proc_net_unix() -> list[UnixListener]:
-    """The fallback: ``/proc/net/unix`` rows with the listening flag (no file identity)."""
-    found = []
+def _proc_net_unix_rows() -> list[list[bytes]]:
+    """The rows of ``/proc/net/unix`` that have a path, split in their 8 fields (the
+    path last); empty if it cannot be read."""
+    rows = []
     try:
         with open("/proc/net/unix", "rb") as f:
             next(f, None)
             for line in f:
-                parts = line.split(None, 7)
-                if len(parts) < 8 or not int(parts[3], 16) & _SO_ACCEPTCON:
-                    continue
-                path = parts[7].rstrip(b"\n")
-                if path.startswith(b"/"):
-                    found.append(UnixListener(int(parts[6]), os.fsdecode(path), None))
+                parts = line.rstrip(b"\n").split(None, 7)
+                if len(parts) == 8 and parts[7].startswith(b"/"):
+                    rows.append(parts)
     except OSError:
         return []
-    return found
+    return rows
+
+
+def _listeners_proc_net_unix() -> list[UnixListener]:
+    """The fallback: ``/proc/net/unix`` rows with the listening flag (no file identity)."""
+    return [UnixListener(int(parts[6]), os.fsdecode(parts[7]), None)
+            for parts in _proc_net_unix_rows() if int(parts[3], 16) & _SO_ACCEPTCON]
 
 
 def named_unix_sockets() -> set[int]:
     """Inodes of the Unix sockets with a path name (bound ones, and the connections accepted
     on them), from ``/proc/net/unix``; empty if it cannot be read."""
-    found = set()
-    try:
-        with open("/proc/net/unix", "rb") as f:
-            next(f, None)
-            for line in f:
-                parts = line.split(None, 7)
-                if len(parts) == 8 and parts[7].startswith(b"/"):
-                    found.add(int(parts[6]))
-    except (OSError, ValueError):
-        return set()
-    return found
+    return {int(parts[6]) for parts in _proc_net_unix_rows()}
 
 
 # --------------------------------------------------------------------------- fds
