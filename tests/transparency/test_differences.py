@@ -144,6 +144,7 @@ def test_sigstop_stops_only_the_client(make_probe: ProbeFactory) -> None:
     probe = make_probe(BACKGROUND_READ)
     p = probe.popen("warm")
     pid = int(read_line(p).split()[1])
+    wait_for(lambda: proc_state(pid) == "S", what="the read to start")
     os.kill(p.pid, signal.SIGSTOP)
     wait_for(lambda: proc_state(p.pid) == "T", what="the client to stop")
     assert proc_state(pid) == "S"
