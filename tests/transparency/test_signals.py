@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pexpect  # type: ignore[import-untyped]
 import pytest
-from _procfacts import raw_connect, send_fds, socket_file, wchan
+from _procfacts import raw_connect, send_fds, socket_file, title, wchan
 from conftest import scaled, wait_for
 
 from prefork.common import protocol
@@ -205,6 +205,12 @@ class Hold:
         os.close(fd)
 
 
+def _spare_of(script: Path) -> list[int]:
+    """Pids of spares titled ``... SCRIPT [spare]`` for ``script``."""
+    want = f"{script} [spare]"
+    return [int(n) for n in os.listdir("/proc") if n.isdigit() and title(int(n)).endswith(want)]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM, signal.SIGINT],
                          ids=_name)
 def test_signal_while_the_executor_is_being_set_up(make_probe: ProbeFactory, tmp_path: Path,
@@ -216,6 +222,9 @@ def test_signal_while_the_executor_is_being_set_up(make_probe: ProbeFactory, tmp
     probe = make_probe(HELD_BODY, pre=HELD)
     hold = Hold(tmp_path)
     probe.prepare("warm")
+    # The spare for the next call is forked once the warm-up call has ended: arm the hold
+    # only once it exists, or the spare that serves ``before`` would be the one held.
+    wait_for(lambda: _spare_of(probe.path), what="the warm-up server's spare")
     hold.arm("child")
     before = probe.run("warm", input=b"")  # handing it out forks the next executor: held
     assert before.status == "exit 0" and before.out == b"ready\n"
