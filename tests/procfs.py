@@ -43,8 +43,9 @@ def stat(pid: int) -> Stat | None:
             fields = f.read().rsplit(b")", 1)[1].split()
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return None
-    return Stat(fields[0].decode(), *(int(fields[i]) for i in (1, 2, 3, 4, 5)),
-                int(fields[19]))
+    return Stat(state=fields[0].decode(), ppid=int(fields[1]), pgrp=int(fields[2]),
+                session=int(fields[3]), tty_nr=int(fields[4]), tpgid=int(fields[5]),
+                starttime=int(fields[19]))
 
 
 def state(pid: int) -> str | None:
