@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pexpect  # type: ignore[import-untyped]
 import pytest
-from _procfacts import raw_connect, send_fds, socket_file
+from _procfacts import raw_connect, send_fds, socket_file, spares
 from harness import scaled, wait_for
-from procfs import reading_fd, signal_mask, wchan
+from procfs import listening_pid, reading_fd, signal_mask, title, wchan
 
 from prefork.common import protocol
 
@@ -149,6 +149,15 @@ sys.stdin.read()
 '''
 
 
+def _spare_ready(probe: Probe) -> None:
+    """Wait until the probe's server has its spare ready (titled ``[spare]``: forked after
+    the last call, past the fork hooks)."""
+    rundir = probe.env["PREFORK_INTERP_RUNDIR"]
+    server = wait_for(lambda: listening_pid(socket_file(rundir)), what="the probe's server")
+    wait_for(lambda: any(title(pid).endswith(" [spare]") for pid in spares(server)),
+             what="the server's spare")
+
+
 class Hold:
     """Makes the server (``before``) or the new executor (``child``) wait at fork."""
 
@@ -187,6 +196,7 @@ def test_signal_while_the_executor_is_being_set_up(make_probe: ProbeFactory, tmp
     probe = make_probe(HELD_BODY, pre=HELD)
     hold = Hold(tmp_path)
     probe.prepare("warm")
+    _spare_ready(probe)  # armed earlier, the hook would hold the spare that takes "before"
     hold.arm("child")
     before = probe.run("warm", input=b"")  # handing it out forks the next executor: held
     assert before.status == "exit 0" and before.out == b"ready\n"
