@@ -1,7 +1,8 @@
-"""Kernel facts about the processes of a test server, and a raw protocol client.
+"""Facts about a test server's processes, its run directory, and a raw protocol client.
 
-Shared by the reliability, bad-input, security and soak tests (issue 4).  Everything here
-reads ``/proc`` or speaks the wire protocol over a real AF_UNIX socket; nothing is mocked.
+Shared by the reliability, bad-input, security and soak tests (issue 4).  The facts are built
+on the /proc readers of ``procfs``; the client speaks the wire protocol over a real AF_UNIX
+socket; nothing is mocked.
 """
 
 from __future__ import annotations
@@ -9,67 +10,18 @@ from __future__ import annotations
 import glob
 import os
 import re
-import select
 import socket
 import struct
-import time
 from collections.abc import Sequence
 
-from conftest import scaled
+from harness import Deadline, scaled
+from procfs import children, cmdline_pids, title, wchan
 
 GREETING = struct.Struct("=4sI")  # host byte order, as the server writes it
 U32BE = struct.Struct(">I")
 
 
-# ------------------------------------------------------------------ /proc facts
-
-
-def proc_state(pid: int) -> str | None:
-    """The one-letter state of ``pid`` (``R``, ``S``, ``Z``...), or None if it does not exist."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0].decode()
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return None
-
-
-def gone(pid: int) -> bool:
-    """Dead: no such process, or a zombie (its parent, maybe init, has yet to reap it)."""
-    return proc_state(pid) in (None, "Z")
-
-
-def ppid_of(pid: int) -> int | None:
-    """The parent of ``pid``, or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[1])
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return None
-
-
-def children(pid: int) -> list[tuple[int, str]]:
-    """``(child pid, state)`` of every process whose parent is ``pid``."""
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if int(fields[1]) == pid:
-            found.append((int(name), fields[0].decode()))
-    return found
-
-
-def title(pid: int) -> str:
-    """``pid``'s command line (its process title), words joined by spaces; "" if gone."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except (FileNotFoundError, ProcessLookupError):
-        return ""
+# ------------------------------------------------------------------ a server's processes
 
 
 def is_spare(pid: int) -> bool:
@@ -88,66 +40,16 @@ def spares(server: int) -> list[int]:
     return [pid for pid, _ in children(server) if is_spare(pid)]
 
 
-def fd_links(pid: int) -> dict[int, str]:
-    """``{fd: link target}`` of ``pid``'s open fds."""
-    links = {}
-    for name in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            links[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
-        except FileNotFoundError:
-            continue
-    return links
+def watcher_of(sock_path: str) -> int:
+    """The pid of the watcher started for ``sock_path``."""
+    pids = cmdline_pids("prefork-watcher", sock_path)
+    assert len(pids) == 1, f"expected one watcher for {sock_path}, found {pids}"
+    return pids[0]
 
 
-def fd_count(pid: int) -> int:
-    """How many fds ``pid`` has open."""
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def rss_kib(pid: int) -> int:
-    """Resident set size of ``pid`` in KiB."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for pid {pid}")
-
-
-def holders_of(path: str) -> list[int]:
-    """Pids (not us) holding an fd on the file ``path``."""
-    me = os.getpid()
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == me:
-            continue
-        try:
-            links = fd_links(int(name))
-        except (FileNotFoundError, PermissionError, ProcessLookupError):
-            continue
-        if path in links.values():
-            found.append(int(name))
-    return found
-
-
-def listening_pid(sock_path: str) -> int | None:
-    """The process holding the listening socket bound at ``sock_path`` (the server)."""
-    inodes = set()
-    with open("/proc/net/unix") as f:
-        next(f)
-        for line in f:
-            parts = line.split()
-            # flags 00010000 = __SO_ACCEPTCON: a listening socket
-            if len(parts) >= 8 and parts[7] == sock_path and parts[3] == "00010000":
-                inodes.add(f"socket:[{parts[6]}]")
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            if inodes & set(fd_links(int(name)).values()):
-                return int(name)
-        except (FileNotFoundError, PermissionError, ProcessLookupError):
-            continue
-    return None
+def asleep_in_epoll(pid: int) -> bool:
+    """The server sleeps in its event loop's epoll_wait: nothing it can act on is pending."""
+    return "epoll" in wchan(pid)
 
 
 # ------------------------------------------------------------------ run directory
@@ -216,12 +118,10 @@ def message(env: Sequence[bytes], argv: Sequence[bytes]) -> bytes:
 
 def drain_until_closed(sock: socket.socket, timeout: float = 10.0) -> bytes:
     """Everything the server sends until it closes the connection (fails on timeout)."""
-    deadline = time.monotonic() + scaled(timeout)
+    deadline = Deadline(timeout, "the server to close the connection")
     data = b""
     while True:
-        left = deadline - time.monotonic()
-        assert left > 0, f"the server did not close the connection (got {data!r})"
-        if not select.select([sock], [], [], left)[0]:
+        if not deadline.readable(sock.fileno(), f"got {data!r}"):
             continue
         try:
             chunk = sock.recv(65536)
@@ -230,85 +130,3 @@ def drain_until_closed(sock: socket.socket, timeout: float = 10.0) -> bytes:
         if not chunk:
             return data
         data += chunk
-
-
-# ------------------------------------------------------------------ processes of a test
-
-
-class Lines:
-    """Reads whole lines from a pipe against a deadline (no buffering surprises)."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.buf = b""
-
-    def line(self, timeout: float = 10.0) -> bytes:
-        """The next line (without its newline); fails on EOF or after ``timeout`` (scaled)."""
-        deadline = time.monotonic() + scaled(timeout)
-        while b"\n" not in self.buf:
-            left = deadline - time.monotonic()
-            assert left > 0, f"no complete line within {scaled(timeout):.1f} s ({self.buf!r})"
-            if select.select([self.fd], [], [], left)[0]:
-                chunk = os.read(self.fd, 4096)
-                assert chunk, f"EOF before a complete line ({self.buf!r})"
-                self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
-        return line
-
-
-def connected_unix_inodes() -> set[str]:
-    """``socket:[INODE]`` of every connected AF_UNIX socket (state SS_CONNECTED)."""
-    found = set()
-    with open("/proc/net/unix") as f:
-        next(f)
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 7 and parts[5] == "03":
-                found.add(f"socket:[{parts[6]}]")
-    return found
-
-
-def has_connected_socket(pid: int) -> bool:
-    """Whether ``pid`` holds a connected AF_UNIX socket (a client that reached a server)."""
-    try:
-        links = set(fd_links(pid).values())
-    except FileNotFoundError:
-        return False
-    return bool(links & connected_unix_inodes())
-
-
-def cmdline_pids(*needles: str) -> list[int]:
-    """Live (non-zombie) processes whose command line contains every one of ``needles``."""
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if all(n in cmd for n in needles) and not gone(int(name)):
-            found.append(int(name))
-    return found
-
-
-def watcher_of(sock_path: str) -> int:
-    """The pid of the watcher started for ``sock_path``."""
-    pids = cmdline_pids("prefork-watcher", sock_path)
-    assert len(pids) == 1, f"expected one watcher for {sock_path}, found {pids}"
-    return pids[0]
-
-
-def wchan(pid: int) -> str:
-    """Where in the kernel ``pid`` sleeps ("" if it runs or is gone)."""
-    try:
-        with open(f"/proc/{pid}/wchan") as f:
-            return f.read()
-    except FileNotFoundError:
-        return ""
-
-
-def asleep_in_epoll(pid: int) -> bool:
-    """The server sleeps in its event loop's epoll_wait: nothing it can act on is pending."""
-    return "epoll" in wchan(pid)

@@ -12,38 +12,10 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from conftest import kill_processes
+from harness import kill_processes
+from procfs import socket_holders
 
 from prefork.common import paths
-
-
-def socket_holders(sock_path: str) -> set[int]:
-    """Pids (not this process) holding a Unix socket bound to exactly ``sock_path``."""
-    inodes = set()
-    with open("/proc/net/unix") as f:
-        next(f)
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 8 and parts[7] == sock_path:
-                inodes.add(f"socket:[{parts[6]}]")
-    found: set[int] = set()
-    if not inodes:
-        return found
-    me = os.getpid()
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == me:
-            continue
-        try:
-            for fd in os.listdir(f"/proc/{name}/fd"):
-                try:
-                    if os.readlink(f"/proc/{name}/fd/{fd}") in inodes:
-                        found.add(int(name))
-                        break
-                except FileNotFoundError:
-                    continue
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-    return found
 
 
 class RealBase:

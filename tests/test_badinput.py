@@ -27,19 +27,17 @@ from _procfacts import (
     asleep_in_epoll,
     drain_until_closed,
     executors,
-    fd_count,
-    gone,
     log_text,
     message,
     raw_connect,
     recv_exactly,
-    rss_kib,
     send_fds,
     socket_file,
 )
-from conftest import PYTHON, ProcRegistry, scaled, wait_for, write_script
+from harness import PYTHON, ProcRegistry, scaled, wait_for, write_script
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from procfs import fd_count, gone, rss_kib
 
 from prefork.common.protocol import EXT_FIXED, MAX_MESSAGE
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from conftest import CLIENT
+from harness import CLIENT
 
 from prefork.client.main import ClientError, parse_args
 

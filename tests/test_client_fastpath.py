@@ -17,7 +17,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import CLIENT, PYTHON, write_script
+from harness import CLIENT, PYTHON, write_script
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

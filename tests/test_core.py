@@ -17,9 +17,9 @@ import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import psutil
+import procfs
 import pytest
-from conftest import C_CLIENT, CLIENT, PYTHON, ProcRegistry, wait_for, write_script
+from harness import C_CLIENT, CLIENT, PYTHON, ProcRegistry, wait_for, write_script
 from realbase import RealBase
 
 from prefork.common import paths
@@ -77,14 +77,6 @@ class Result:
     rc: int
     out: bytes
     err: bytes
-
-
-def _gone(pid: int) -> bool:
-    """The process is gone (a zombie counts: its parent may be an init that never reaps)."""
-    try:
-        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
-    except psutil.NoSuchProcess:
-        return True
 
 
 class Client:
@@ -261,8 +253,7 @@ def test_executor_has_only_std_fds_and_what_the_script_opened(
 def test_server_title_and_log(ours: Client, rundir: str) -> None:
     script = _script(rundir, opts="log='file'")
     pid = ours.server_pid(script)
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        cmdline = f.read()
+    cmdline = procfs.cmdline(pid)
     assert b"[server]" in cmdline, cmdline
     log = paths.log_path(rundir, ours.ident(script))
     wait_for(lambda: os.path.exists(log), what=f"{log} to appear")
@@ -291,7 +282,7 @@ def test_same_server_for_warm_calls_and_force_gives_a_fresh_one(client: Client,
     assert client.server_pid(script) == first
     forced = client.server_pid(script, opts=["-f"])
     assert forced != first
-    wait_for(lambda: _gone(first), what=f"old server {first} to quit after -f")
+    wait_for(lambda: procfs.gone(first), what=f"old server {first} to quit after -f")
     assert client.server_pid(script) == forced
 
 
@@ -304,7 +295,7 @@ def test_kill_stops_the_server(client: Client, rundir: str) -> None:
                                     env=client.env, cwd=rundir)
     assert (rc, out, err) == (0, b"", b"")
     assert not os.path.exists(sock)
-    wait_for(lambda: _gone(pid), what=f"server {pid} to exit after --kill")
+    wait_for(lambda: procfs.gone(pid), what=f"server {pid} to exit after --kill")
     # The next call starts a fresh server.
     assert client.server_pid(script) != pid
 
@@ -312,7 +303,7 @@ def test_kill_stops_the_server(client: Client, rundir: str) -> None:
 def test_idle_timeout_ends_the_server(ours: Client, rundir: str) -> None:
     script = _script(rundir, opts="idle_timeout=0.5")
     pid = ours.server_pid(script)
-    wait_for(lambda: _gone(pid), timeout=15, what=f"idle server {pid} to exit")
+    wait_for(lambda: procfs.gone(pid), timeout=15, what=f"idle server {pid} to exit")
     r = ours.run(script, "exit", "3")
     assert r == Result(3, b"exiting with 3\n", b"on stderr too\n")
     assert ours.server_pid(script) not in (pid, 0)
@@ -330,7 +321,7 @@ def test_autoreload_when_the_script_changes(ours: Client, rundir: str) -> None:
                        b"stderr line\n")
     fresh = ours.server_pid(script)
     assert fresh != pid
-    wait_for(lambda: _gone(pid), what=f"stale server {pid} to quit")
+    wait_for(lambda: procfs.gone(pid), what=f"stale server {pid} to quit")
     assert ours.server_pid(script) == fresh  # the fresh server is not stale itself
 
 

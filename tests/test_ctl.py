@@ -17,26 +17,26 @@ from __future__ import annotations
 
 import os
 import re
-import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import procfs
 import psutil
 import pytest
-from conftest import (
+from harness import (
     C_CLIENT,
     CLIENT,
     PYTHON,
     REPO,
     VENV_BIN,
+    Lines,
     ProcRegistry,
     kill_processes,
     scaled,
@@ -107,32 +107,6 @@ def ctl_json(*args: str) -> list[dict[str, Any]]:
     return data
 
 
-class Lines:
-    """Reads whole lines from a pipe against a deadline (no sleeps: select on the fd)."""
-
-    def __init__(self, stream: Any) -> None:
-        self.fd = stream.fileno()
-        self.buf = b""
-
-    def line(self, what: str, timeout: float = LINE_TIMEOUT) -> str:
-        deadline = time.monotonic() + scaled(timeout)
-        while b"\n" not in self.buf:
-            left = deadline - time.monotonic()
-            assert left > 0, f"timed out waiting for {what}; got {self.buf!r}"
-            if select.select([self.fd], [], [], left)[0]:
-                chunk = os.read(self.fd, 4096)
-                assert chunk, f"EOF waiting for {what}; got {self.buf!r}"
-                self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\n")
-        return line.decode()
-
-    def until(self, needle: str, what: str) -> str:
-        while True:
-            line = self.line(what)
-            if needle in line:
-                return line
-
-
 def pids_of(line: str) -> dict[str, int]:
     """``server=1 executor=2`` -> {"server": 1, "executor": 2}."""
     return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", line)}
@@ -140,18 +114,13 @@ def pids_of(line: str) -> dict[str, int]:
 
 def alive(pid: int) -> bool:
     """Running and not a zombie."""
-    try:
-        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
-    except psutil.NoSuchProcess:
-        return False
+    return not procfs.gone(pid)
 
 
 def holds_inode(pid: int, inode: int) -> bool:
     """Whether ``pid`` has an fd on socket ``inode``."""
-    want = f"socket:[{inode}]"
     try:
-        return any(os.readlink(f"/proc/{pid}/fd/{fd}") == want
-                   for fd in os.listdir(f"/proc/{pid}/fd"))
+        return f"socket:[{inode}]" in procfs.fd_links(pid).values()
     except OSError:
         return False
 
@@ -187,7 +156,7 @@ class Kind:
                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                         env=self.env, cwd=self.cwd)
         lines = Lines(p.stdout)
-        return p, lines, pids_of(lines.until("server=", "the call's pids"))
+        return p, lines, pids_of(lines.until("server=", "the call's pids", LINE_TIMEOUT)[-1])
 
     def entry(self) -> dict[str, Any]:
         """This ident's live entry in ``list --json``."""
@@ -318,7 +287,7 @@ def test_show_tree_while_call_runs(kind: Kind, procs: ProcRegistry) -> None:
     assert p.stdin is not None
     p.stdin.write(b"go\n")
     p.stdin.flush()
-    assert lines.until("release:", "the released call") == "release: go"
+    assert lines.until("release:", "the released call", LINE_TIMEOUT)[-1] == "release: go"
     p.wait(timeout=scaled(20))
 
 
@@ -344,7 +313,7 @@ def test_kill_lets_running_call_finish(kind: Kind, procs: ProcRegistry) -> None:
     assert p.stdin is not None
     p.stdin.write(b"finish\n")
     p.stdin.flush()
-    assert lines.until("release:", "the released call") == "release: finish"
+    assert lines.until("release:", "the released call", LINE_TIMEOUT)[-1] == "release: finish"
     rc = p.wait(timeout=scaled(20))
     if kind.side == "python":
         assert rc == 0
@@ -487,9 +456,9 @@ def test_logs_show_and_follow(rundir: str, env: dict[str, str], procs: ProcRegis
     follower = procs.popen([str(CTL), "logs", "-f", os.path.basename(k.script),
                             "--run-dir", rundir], stdout=subprocess.PIPE)
     lines = Lines(follower.stdout)
-    lines.until("server started", "the existing log line")
+    lines.until("server started", "the existing log line", LINE_TIMEOUT)
     os.kill(server, signal.SIGTERM)  # the server logs why it quits
-    line = lines.until("quitting", "the line logged after -f started")
+    line = lines.until("quitting", "the line logged after -f started", LINE_TIMEOUT)[-1]
     assert f"[{server}]" in line and "SIGTERM" in line, line
     follower.send_signal(signal.SIGINT)
     assert follower.wait(timeout=scaled(10)) == 0

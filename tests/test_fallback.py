@@ -20,7 +20,7 @@ import sys
 import threading
 
 import pytest
-from conftest import C_CLIENT, CLIENT, PYTHON, ProcRegistry, scaled, write_script
+from harness import C_CLIENT, CLIENT, PYTHON, ProcRegistry, scaled, write_script
 from realbase import RealBase
 
 from prefork.common import fdio, paths, protocol

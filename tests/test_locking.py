@@ -8,15 +8,15 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
+import procfs
 import pytest
+from harness import REPO, scaled, wait_for
 
 from prefork.common.locking import lock_file, try_lock_file
 
-REPO = Path(__file__).resolve().parents[1]
-DEADLINE = 10.0 * float(os.environ.get("PREFORK_TEST_TIME_FACTOR", "1"))
+DEADLINE = scaled(10.0)  # for waits on a subprocess or a thread
 
 TRY_IN_OTHER_PROCESS = """
 import sys
@@ -72,16 +72,9 @@ def test_try_lock_file(tmp_path: Path) -> None:
 
 
 def _wait_for_flock_waiter(path: Path) -> None:
-    """Poll /proc/locks until some process waits for a flock on ``path``'s inode."""
-    suffix = f":{path.stat().st_ino}"
-    deadline = time.monotonic() + DEADLINE
-    while time.monotonic() < deadline:
-        for line in Path("/proc/locks").read_text().splitlines():
-            fields = line.split()
-            if "->" in fields and "FLOCK" in fields and any(f.endswith(suffix) for f in fields):
-                return
-        time.sleep(0.005)
-    raise AssertionError(f"nobody waited for the lock on {path}")
+    """Wait until some process waits for a flock on ``path``'s inode (/proc/locks)."""
+    wait_for(lambda: procfs.flock_waited_for(str(path)),
+             what=f"somebody to wait for the lock on {path}")
 
 
 @pytest.mark.parametrize("replace", [True, False], ids=["replaced", "deleted"])

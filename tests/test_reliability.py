@@ -17,20 +17,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
-from _procfacts import (
+from _procfacts import asleep_in_epoll, executors, log_text, socket_file, spares, watcher_of
+from harness import (
+    CLIENT,
+    PYTHON,
     Lines,
-    asleep_in_epoll,
-    executors,
-    fd_links,
-    gone,
-    has_connected_socket,
-    log_text,
-    socket_file,
-    spares,
-    title,
-    watcher_of,
+    ProcRegistry,
+    find_processes,
+    scaled,
+    wait_for,
+    write_script,
 )
-from conftest import CLIENT, PYTHON, ProcRegistry, find_processes, scaled, wait_for, write_script
+from procfs import fd_links, gone, has_connected_socket, signal_mask, title
 
 from prefork.common.locking import try_lock_file
 
@@ -529,8 +527,7 @@ def test_spare_is_ready_holds_nothing_and_is_not_a_call(rig: Rig) -> None:
     links = fd_links(spare)
     assert {links[fd] for fd in (0, 1, 2)} == {os.devnull}, links
     assert sorted(links) == [0, 1, 2, max(links)] and links[max(links)].startswith("socket:")
-    with open(f"/proc/{spare}/status") as f:
-        blocked = next(int(line.split()[1], 16) for line in f if line.startswith("SigBlk:"))
+    blocked = signal_mask(spare, "SigBlk")
     assert blocked & (1 << (signal.SIGTERM - 1)) and blocked & (1 << (signal.SIGINT - 1))
     held = rig.hold()
     assert held.executor == spare and held.server == server

@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import C_CLIENT, CLIENT, PYTHON, REPO, VENV_BIN, ProcRegistry, scaled, write_script
+from harness import C_CLIENT, CLIENT, PYTHON, REPO, VENV_BIN, ProcRegistry, scaled, write_script
 
 from prefork.common import paths
 from prefork.server import runner

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -17,16 +18,9 @@ import subprocess
 from collections.abc import Callable
 
 import pytest
-from _procfacts import (
-    Lines,
-    drain_until_closed,
-    executors,
-    fd_links,
-    gone,
-    log_text,
-    socket_file,
-)
-from conftest import CLIENT, PYTHON, ProcRegistry, wait_for, write_script
+from _procfacts import drain_until_closed, executors, log_text, socket_file
+from harness import CLIENT, PYTHON, Lines, ProcRegistry, wait_for, write_script
+from procfs import fd_links, gone
 
 NOBODY = 65534
 
@@ -185,7 +179,7 @@ def test_refused_per_user_dir_falls_back_to_home_and_says_so(
         pytest.skip("unshare -m is not permitted here")
     script = write_script(rundir, "s.py", SCRIPT)
     e = {k: v for k, v in env.items() if k != "PREFORK_INTERP_RUNDIR"}
-    home_base = "/root/.prefork-interp"
+    home_base = f"{pwd.getpwuid(os.getuid()).pw_dir}/.prefork-interp"  # HOME from passwd
     e.update(CWD=rundir, SCRIPT=script, CLIENT=str(CLIENT), PY=str(PYTHON),
              HOME_BASE=home_base)
     rc, _, err = procs.run(["unshare", "-m", "--propagation", "private", "sh", "-c",

@@ -16,8 +16,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from _procfacts import asleep_in_epoll, children, executors, fd_count, gone, rss_kib
-from conftest import scaled, wait_for, write_script
+from _procfacts import asleep_in_epoll, executors
+from harness import scaled, wait_for, write_script
+from procfs import children, fd_count, gone, rss_kib
 
 CALLS = int(os.environ.get("PF_SOAK_CALLS", "10000"))
 WARMUP = 500

@@ -28,17 +28,16 @@ import subprocess
 import sys
 import tempfile
 import termios
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
+import procfs
 import pytest
+from harness import REPO, Lines, read_until_eof, scaled, wait_for
 
 from prefork.watcher.main import EXIT_ERROR, EXIT_OK, EXIT_USAGE, main
 
-REPO = Path(__file__).resolve().parents[1]
-DEADLINE = 10.0 * float(os.environ.get("PREFORK_TEST_TIMEOUT_MULT") or 1)  # CI multiplier
-POLL = 0.005  # seconds between looks at /proc while polling against DEADLINE
+DEADLINE = scaled(10.0)  # for waits on a subprocess
 
 
 def _pipe_inode(fd: int) -> int:
@@ -47,40 +46,7 @@ def _pipe_inode(fd: int) -> int:
 
 def _holders(inodes: set[int]) -> list[int]:
     """Pids of the processes (not us) that hold an fd on one of these pipe inodes."""
-    links = {f"pipe:[{ino}]" for ino in inodes}
-    found = []
-    me = os.getpid()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        try:
-            fds = os.listdir(f"/proc/{entry}/fd")
-            if any(os.readlink(f"/proc/{entry}/fd/{fd}") in links for fd in fds):
-                found.append(int(entry))
-        except OSError:  # gone meanwhile, or a thread of ours
-            continue
-    return found
-
-
-def _wait_for(what: str, predicate: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(POLL)
-
-
-def _read_until_eof(fd: int) -> bytes:
-    """Everything the pipe gives until EOF; fails if EOF does not come within DEADLINE."""
-    deadline = time.monotonic() + DEADLINE
-    data = b""
-    while True:
-        left = deadline - time.monotonic()
-        assert left > 0, f"no EOF within {DEADLINE} s (read so far: {data!r})"
-        if select.select([fd], [], [], left)[0]:
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                return data
-            data += chunk
+    return procfs.pids_holding({f"pipe:[{ino}]" for ino in inodes})
 
 
 class Watcher:
@@ -135,10 +101,10 @@ class Watcher:
         watched: list[int] = []
 
         def ready() -> bool:
-            watched[:] = _inotify_watches(self.daemon_pid)
+            watched[:] = procfs.inotify_watches(self.daemon_pid)
             return bool(watched)
 
-        _wait_for("the daemon's inotify watch", ready)
+        wait_for(ready, what="the daemon's inotify watch")
         return watched
 
     def assert_in_loop(self) -> None:
@@ -148,14 +114,14 @@ class Watcher:
         EPIPE or never drain."""
         for _ in range(2):
             os.write(self.watchi_w, b"ping")
-            _wait_for("the daemon to drain its sentinel", lambda: _unread(self.watchi_w) == 0)
+            wait_for(lambda: _unread(self.watchi_w) == 0, what="the daemon to drain its sentinel")
         assert not select.select([self.watche_r], [], [], 0)[0], "the daemon wrote or exited"
 
     def stop(self) -> None:
         """End a daemon that is still watching the normal way: close the sentinel."""
         os.close(self.watchi_w)
         self.watchi_w = -1
-        assert _read_until_eof(self.watche_r) == b""
+        assert read_until_eof(self.watche_r) == b""
 
     def close(self) -> list[int]:
         """Close everything; kill and return the pids of processes still holding our pipes."""
@@ -171,7 +137,7 @@ class Watcher:
         for pid in leftovers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        _wait_for("leftover watchers to die", lambda: not _holders(self.inodes))
+        wait_for(lambda: not _holders(self.inodes), what="leftover watchers to die")
         return leftovers
 
 
@@ -180,21 +146,6 @@ def _unread(fd: int) -> int:
     buf = array.array("i", [0])
     fcntl.ioctl(fd, termios.FIONREAD, buf, True)
     return buf[0]
-
-
-def _inotify_watches(pid: int) -> list[int]:
-    """Inodes watched by the inotify fds of ``pid`` (from /proc/PID/fdinfo)."""
-    inodes = []
-    try:
-        for fd in os.listdir(f"/proc/{pid}/fdinfo"):
-            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                for line in f:
-                    if line.startswith("inotify wd:"):
-                        fields = dict(w.split(":", 1) for w in line.split()[1:])
-                        inodes.append(int(fields["ino"], 16))
-    except OSError:
-        pass
-    return inodes
 
 
 @pytest.fixture
@@ -226,7 +177,7 @@ def test_unlinking_the_socket_ends_the_daemon(watcher: Watcher, when: str) -> No
         watcher.wait_watching()
         watcher.assert_in_loop()
     os.unlink(watcher.path)
-    assert _read_until_eof(watcher.watche_r) == b""
+    assert read_until_eof(watcher.watche_r) == b""
 
 
 @pytest.mark.parametrize("how", ["rename over", "unlink and bind"])
@@ -240,7 +191,7 @@ def test_replacing_the_socket_ends_the_daemon(watcher: Watcher, how: str) -> Non
     else:
         os.unlink(watcher.path)
         watcher.bind(watcher.path)
-    assert _read_until_eof(watcher.watche_r) == b""
+    assert read_until_eof(watcher.watche_r) == b""
 
 
 def test_renaming_the_directory_ends_the_daemon(watcher: Watcher) -> None:
@@ -249,7 +200,7 @@ def test_renaming_the_directory_ends_the_daemon(watcher: Watcher) -> None:
     watcher.assert_in_loop()
     os.rename(watcher.tmpdir, watcher.tmpdir + ".moved")
     try:
-        assert _read_until_eof(watcher.watche_r) == b""
+        assert read_until_eof(watcher.watche_r) == b""
     finally:
         os.rename(watcher.tmpdir + ".moved", watcher.tmpdir)
 
@@ -283,7 +234,7 @@ def test_bad_socket_path_is_an_error_reported_on_watche(watcher: Watcher, what: 
         with open(path, "w"):
             pass
     assert watcher.start("--daemon", path) == EXIT_ERROR
-    message = _read_until_eof(watcher.watche_r).decode()
+    message = read_until_eof(watcher.watche_r).decode()
     reason = "No such file or directory" if what == "missing" else "not a socket"
     assert message == f"prefork-watcher: {path}: {reason}\n"
 
@@ -294,21 +245,18 @@ def test_daemon_is_a_session_leader_in_root_with_only_its_own_fds(watcher: Watch
     watcher.assert_in_loop()
     assert watched == [os.stat(watcher.tmpdir).st_ino]
     assert os.getsid(pid) == pid
-    assert os.readlink(f"/proc/{pid}/cwd") == "/"
+    assert procfs.cwd(pid) == "/"
     watchi, watche = (f"pipe:[{ino}]" for ino in sorted(
         watcher.inodes, key=lambda ino: ino != _pipe_inode(watcher.watchi_w)))
-    fds = {int(fd): os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    fds = procfs.fd_links(pid)
     inotify_fds = [fd for fd, link in fds.items() if link == "anon_inode:inotify"]
     assert len(inotify_fds) == 1
     assert fds == {0: watchi, 1: watche, 2: watche, inotify_fds[0]: "anon_inode:inotify"}
-    with open(f"/proc/{pid}/fdinfo/0") as f:
-        flags = int(next(line for line in f if line.startswith("flags:")).split()[1], 8)
-    assert flags & os.O_NONBLOCK
+    assert procfs.fd_flags(pid, 0) & os.O_NONBLOCK
     with contextlib.suppress(ImportError):
         import setproctitle  # noqa: F401  (the title is set only when it is importable)
 
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            assert f.read().startswith(f"prefork-watcher {watcher.path}".encode())
+        assert procfs.cmdline(pid).startswith(f"prefork-watcher {watcher.path}".encode())
     watcher.stop()
 
 
@@ -317,38 +265,10 @@ def test_relative_socket_path_is_resolved_before_chdir(watcher: Watcher) -> None
     assert watcher.wait_watching() == [os.stat(watcher.tmpdir).st_ino]
     watcher.assert_in_loop()
     os.unlink(watcher.path)
-    assert _read_until_eof(watcher.watche_r) == b""
+    assert read_until_eof(watcher.watche_r) == b""
 
 
 # --------------------------------------------------------------------- foreground mode
-
-
-class Lines:
-    """Read a pipe line by line, each read bounded by DEADLINE."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.buf = b""
-
-    def next(self) -> str:
-        deadline = time.monotonic() + DEADLINE
-        while b"\n" not in self.buf:
-            left = deadline - time.monotonic()
-            assert left > 0, f"no line within {DEADLINE} s (have {self.buf!r})"
-            if select.select([self.fd], [], [], left)[0]:
-                chunk = os.read(self.fd, 4096)
-                assert chunk, f"EOF before a full line (have {self.buf!r})"
-                self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
-        return line.decode()
-
-    def until(self, needle: str) -> list[str]:
-        """Lines up to and including the first containing ``needle``."""
-        seen = []
-        while True:
-            seen.append(self.next())
-            if needle in seen[-1]:
-                return seen
 
 
 def test_foreground_prints_events_and_why_it_exits(watcher: Watcher) -> None:
@@ -366,7 +286,7 @@ def test_foreground_prints_events_and_why_it_exits(watcher: Watcher) -> None:
         os.close(out_w)
     watcher.first = proc
     lines = Lines(watcher.watche_r)
-    first = lines.next()
+    first = lines.text()
     assert f"watching {watcher.path} " in first
     assert f"inode {start_ino})" in first
     assert "sentinel" not in first
@@ -378,7 +298,7 @@ def test_foreground_prints_events_and_why_it_exits(watcher: Watcher) -> None:
                and f"started={start_ino}" in line for line in seen), seen
     assert seen[-1].endswith("exit 0: socket path removed")
     assert not seen[0].startswith("exit")
-    assert _read_until_eof(watcher.watche_r) == b""
+    assert read_until_eof(watcher.watche_r) == b""
     assert proc.wait(timeout=DEADLINE) == EXIT_OK
     assert proc.stderr is not None
     assert proc.stderr.read() == b""
@@ -400,7 +320,7 @@ def _start_foreground(watcher: Watcher, *args: str) -> Lines:
         os.close(watchi_r)
         os.close(out_w)
     lines = Lines(out_r)
-    first = lines.next()
+    first = lines.text()
     assert f"watching {watcher.path} " in first
     assert ("stdin is the sentinel" in first) == ("--sentinel" in args)
     return lines
@@ -419,7 +339,7 @@ def test_foreground_replacement_is_named(watcher: Watcher) -> None:
     assert any(" IN_CREATE name='s.new'" in line and f"started={start_ino}" in line
                for line in seen[:-1]), seen
     assert seen[-1].endswith(f"exit 0: socket replaced by inode {new_ino}")
-    assert _read_until_eof(watcher.watche_r) == b""
+    assert read_until_eof(watcher.watche_r) == b""
     assert watcher.first is not None
     assert watcher.first.wait(timeout=DEADLINE) == EXIT_OK
 
@@ -427,11 +347,11 @@ def test_foreground_replacement_is_named(watcher: Watcher) -> None:
 def test_foreground_sentinel_data_is_discarded_and_eof_ends_it(watcher: Watcher) -> None:
     lines = _start_foreground(watcher, "--sentinel")
     os.write(watcher.watchi_w, b"abc")
-    assert lines.next().endswith("sentinel: discarded 3 bytes")
+    assert lines.text().endswith("sentinel: discarded 3 bytes")
     os.close(watcher.watchi_w)
     watcher.watchi_w = -1
-    assert lines.next().endswith("exit 0: sentinel closed")
-    assert _read_until_eof(watcher.watche_r) == b""
+    assert lines.text().endswith("exit 0: sentinel closed")
+    assert read_until_eof(watcher.watche_r) == b""
     assert watcher.first is not None
     assert watcher.first.wait(timeout=DEADLINE) == EXIT_OK
 

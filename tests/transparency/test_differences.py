@@ -11,14 +11,14 @@ import shlex
 import signal
 from pathlib import Path
 
+import procfs
 import pytest
-from _procfacts import proc_state
-from conftest import scaled, wait_for
+from harness import scaled, wait_for
+from procfs import reading_fd
 
-from .conftest import INTERPRETERS, PY311, ProbeFactory, reading_fd
+from .probes import INTERPRETERS, PY311, PYTHONS, ProbeFactory, needs_py311, read_line
 from .test_exit import EXCEPTIONS
 from .test_jobcontrol import Shell
-from .test_signals import read_line
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -44,8 +44,7 @@ def test_pid_and_parent(make_probe: ProbeFactory) -> None:
     v = json.loads(out)
     assert v["pid"] != via.pid and v["ppid"] != os.getpid()
     assert v["child_ppid"] == v["pid"]
-    with open(f"/proc/{v['ppid']}/cmdline", "rb") as f:
-        assert b"[server]" in f.read() or v["ppid"] > 1
+    assert b"[server]" in procfs.cmdline(v["ppid"]) or v["ppid"] > 1
 
 
 TERMINAL = r'''
@@ -65,7 +64,7 @@ print(json.dumps(facts))
 '''
 
 
-@pytest.mark.parametrize("python", sorted(INTERPRETERS))
+@pytest.mark.parametrize("python", PYTHONS)
 def test_no_controlling_terminal(make_probe: ProbeFactory, python: str) -> None:
     """Under a terminal, the executor has the terminal as fds 0/1/2 but not as its
     controlling terminal: /dev/tty cannot be opened (ENXIO), and tcgetpgrp() on it fails
@@ -98,14 +97,14 @@ def test_background_read_from_the_terminal_is_not_stopped(make_probe: ProbeFacto
             sh.run(shlex.join(probe.command(how)) + " &")
             pid = int(sh.expect(r"pid (\d+)\r\n").group(1))
             if how == "direct":
-                wait_for(lambda: proc_state(pid) == "T", what="SIGTTIN to stop it")  # noqa: B023
+                wait_for(lambda: procfs.state(pid) == "T", what="SIGTTIN to stop it")  # noqa: B023
             else:  # asleep inside the terminal read: past the job-control check
                 wait_for(lambda: reading_fd(pid), what="the read to block")  # noqa: B023
-            states[how] = proc_state(pid)
+            states[how] = procfs.state(pid)
             sh.run("kill %1; wait")
         finally:
             sh.close()
-        if proc_state(pid) is not None:
+        if procfs.state(pid) is not None:
             os.kill(pid, signal.SIGKILL)
     assert states == {"direct": "T", "warm": "S"}
 
@@ -144,10 +143,10 @@ def test_sigstop_stops_only_the_client(make_probe: ProbeFactory) -> None:
     probe = make_probe(BACKGROUND_READ)
     p = probe.popen("warm")
     pid = int(read_line(p).split()[1])
-    wait_for(lambda: proc_state(pid) == "S", what="the read to start")
+    wait_for(lambda: procfs.state(pid) == "S", what="the read to start")
     os.kill(p.pid, signal.SIGSTOP)
-    wait_for(lambda: proc_state(p.pid) == "T", what="the client to stop")
-    assert proc_state(pid) == "S"
+    wait_for(lambda: procfs.state(p.pid) == "T", what="the client to stop")
+    assert procfs.state(pid) == "S"
     os.kill(p.pid, signal.SIGCONT)
     out, _ = p.communicate(b"x\n", timeout=scaled(20))
     assert out == b"read x\n" and p.returncode == 0
@@ -161,10 +160,10 @@ def test_client_killed_by_an_unforwardable_signal(make_probe: ProbeFactory, sig:
     probe = make_probe(BACKGROUND_READ)
     p = probe.popen("warm")
     pid = int(read_line(p).split()[1])
-    wait_for(lambda: proc_state(pid) == "S", what="the read to start")
+    wait_for(lambda: procfs.state(pid) == "S", what="the read to start")
     os.kill(p.pid, sig)
     assert p.wait(timeout=scaled(20)) == -sig
-    wait_for(lambda: proc_state(pid) in (None, "Z"), what="the executor to end")
+    wait_for(lambda: procfs.state(pid) in (None, "Z"), what="the executor to end")
     assert p.stderr is not None
     assert b"KeyboardInterrupt" in p.stderr.read()
 
@@ -214,6 +213,7 @@ def test_interpreter_start_up_settings_are_the_servers(make_probe: ProbeFactory,
     assert probe.run("cold", env=env).json() == direct
 
 
+@needs_py311
 def test_recursion_error_traceback_one_frame_shorter(make_probe: ProbeFactory) -> None:
     """Fast exit (3.12+): the exception that unwinds the deepest frame at the recursion limit
     is replaced by a new RecursionError one frame shorter, because sys.monitoring's unwind
@@ -237,7 +237,7 @@ class Noisy:
 '''
 
 
-@pytest.mark.parametrize("python", sorted(INTERPRETERS))
+@pytest.mark.parametrize("python", PYTHONS)
 def test_objects_from_before_initialisation_are_not_finalized(make_probe: ProbeFactory,
                                                               python: str) -> None:
     """Fast exit (3.12+) does not tear down the heap the server built: an object created

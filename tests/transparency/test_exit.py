@@ -10,7 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import INTERPRETERS, PY311, ProbeFactory, Run, normalise_bash, status_text
+from .probes import (
+    INTERPRETERS,
+    PY311,
+    PYTHONS,
+    ProbeFactory,
+    Run,
+    needs_py311,
+    normalise_bash,
+    status_text,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -44,7 +53,7 @@ CODES = [0, 1, 2, 3, 7, 42, 63, 64, 99, 100, 125, 126, 127, 128, 129, 130, 137, 
 COLD_CODES = (0, 1, 42, 255, 256, -1)
 
 
-@pytest.mark.parametrize("python", sorted(INTERPRETERS))
+@pytest.mark.parametrize("python", PYTHONS)
 def test_exit_codes(make_probe: ProbeFactory, python: str) -> None:
     """sys.exit(N) for N across 0..255 and beyond: the same status, the same output."""
     probe = make_probe(EXIT, python=INTERPRETERS[python])
@@ -57,7 +66,7 @@ def test_exit_codes(make_probe: ProbeFactory, python: str) -> None:
         probe.differential("os_exit", str(code))
 
 
-@pytest.mark.parametrize("python", sorted(INTERPRETERS))
+@pytest.mark.parametrize("python", PYTHONS)
 @pytest.mark.parametrize("what", ["msg", "none", "obj", "float", "true", "fallthrough"])
 def test_sys_exit_forms(make_probe: ProbeFactory, python: str, what: str) -> None:
     probe = make_probe(EXIT, python=INTERPRETERS[python])
@@ -120,9 +129,10 @@ EXC_KINDS = ["value", "chained", "context", "custom", "group", "recursion", "syn
 
 
 @pytest.mark.parametrize(("what", "python"), [
-    (what, python) for what in EXC_KINDS for python in sorted(INTERPRETERS)
+    pytest.param(what, python.values[0], marks=python.marks)
+    for what in EXC_KINDS for python in PYTHONS
     # the fast exit's one-frame difference at the recursion limit: test_differences.py
-    if (what, python) != ("recursion", "py3")])
+    if (what, python.values[0]) != ("recursion", "py3")])
 def test_uncaught_exception(make_probe: ProbeFactory, python: str, what: str) -> None:
     """The traceback text (frames, source lines, carets, chaining, notes), the atexit output
     after it, and exit status 1."""
@@ -190,7 +200,7 @@ def test_death_by_signal_as_the_shell_sees_it(make_probe: ProbeFactory, how: str
     assert results["direct"][0] < 0, "the direct run must die of a signal"
 
 
-@pytest.mark.parametrize("python", sorted(INTERPRETERS))
+@pytest.mark.parametrize("python", PYTHONS)
 def test_sigint_to_self_is_keyboardinterrupt(make_probe: ProbeFactory, python: str) -> None:
     """os.kill(getpid(), SIGINT): KeyboardInterrupt traceback, then death by SIGINT."""
     probe = make_probe(SELF_KILL, python=INTERPRETERS[python])
@@ -307,7 +317,7 @@ def _files(base: Path) -> dict[str, bytes | None]:
     return out
 
 
-@pytest.mark.parametrize("python", sorted(INTERPRETERS))
+@pytest.mark.parametrize("python", PYTHONS)
 @pytest.mark.parametrize("end", ["normal", "exit", "raise", "kbi"])
 def test_nothing_lost_at_exit(make_probe: ProbeFactory, tmp_path: Path, python: str,
                               end: str) -> None:
@@ -328,6 +338,7 @@ def test_nothing_lost_at_exit(make_probe: ProbeFactory, tmp_path: Path, python: 
     assert b"atexit 1" in err
 
 
+@needs_py311
 def test_py311_is_the_normal_shutdown_path(make_probe: ProbeFactory) -> None:
     """The 3.11 server has no sys.monitoring: its executors end with the interpreter's own
     shutdown (so the probes above on py311 cover that path)."""
@@ -345,7 +356,7 @@ def test_signal_names_are_real() -> None:
         assert name == "-" or isinstance(getattr(signal, name), signal.Signals)
 
 
-@pytest.mark.parametrize("python", sorted(INTERPRETERS))
+@pytest.mark.parametrize("python", PYTHONS)
 def test_file_opened_before_initialisation(make_probe: ProbeFactory, tmp_path: Path,
                                            python: str) -> None:
     """A file object the server opened before initialisation_complete(), written during the
@@ -376,7 +387,7 @@ if what == "kbi":
 '''
 
 
-@pytest.mark.parametrize("python", sorted(INTERPRETERS))
+@pytest.mark.parametrize("python", PYTHONS)
 @pytest.mark.parametrize("what", ["normal", "exit", "raise", "kbi", "hook"])
 def test_stdout_flush_fails_at_exit(make_probe: ProbeFactory, python: str, what: str) -> None:
     """stdout's reader is gone before the final flush: "Exception ignored ..." (through

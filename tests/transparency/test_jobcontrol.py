@@ -10,11 +10,11 @@ import shlex
 from pathlib import Path
 
 import pexpect  # type: ignore[import-untyped]
+import procfs
 import pytest
-from _procfacts import proc_state
-from conftest import scaled, wait_for
+from harness import scaled, wait_for
 
-from .conftest import Probe, ProbeFactory
+from .probes import Probe, ProbeFactory
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -88,16 +88,16 @@ def stop_and_resume(probe: Probe, how: str, tmp_path: Path, resume: str) -> dict
         sh.prompt()
         job = _job_pid(sh)
         # The script's process itself is stopped (and so is the job's process, the client).
-        seen["script stopped"] = wait_for(lambda: proc_state(pid) == "T", what="stopped")
-        seen["job stopped"] = proc_state(job) == "T"
+        seen["script stopped"] = wait_for(lambda: procfs.state(pid) == "T", what="stopped")
+        seen["job stopped"] = procfs.state(job) == "T"
         if resume == "bg":
             sh.run("bg")
             sh.expect(r"\[1\]\+ \"\$\{CMD\[@\]\}\" &")
             sh.expect(r"tick \d+\r\n")
-            seen["running in background"] = proc_state(pid) in ("R", "S")
+            seen["running in background"] = procfs.state(pid) in ("R", "S")
         sh.run("fg")
         sh.expect(r"tick \d+\r\n")
-        seen["running again"] = proc_state(pid) in ("R", "S")
+        seen["running again"] = procfs.state(pid) in ("R", "S")
         stop.touch()
         sh.expect("type something:")
         sh.run("hello")
@@ -146,7 +146,7 @@ def test_script_stopping_itself(make_probe: ProbeFactory, tmp_path: Path, sig: s
             pid = int(sh.expect(r"pid (\d+)\r\n").group(1))
             sh.expect(r"\[1\]\+\s+Stopped")
             sh.prompt()
-            stopped = proc_state(pid) == "T"
+            stopped = procfs.state(pid) == "T"
             sh.run("fg")
             sh.expect(r"continued\r\n")
             sh.prompt()

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import PY311, ProbeFactory, Run
+from .probes import PY311, ProbeFactory, Run, needs_py311
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -330,6 +330,7 @@ def test_blocked_signals_pass_on(make_probe: ProbeFactory, probe_env: dict[str, 
     assert_same(results["direct"], results[how], how)
 
 
+@needs_py311
 def test_py311_process_view(make_probe: ProbeFactory) -> None:
     """The 3.11 interpreter (no fast exit): the same view of the process."""
     probe = make_probe(OBSERVE, python=PY311)

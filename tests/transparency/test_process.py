@@ -9,9 +9,9 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
+from harness import wait_for
 
-from .conftest import INTERPRETERS, ProbeFactory
+from .probes import INTERPRETERS, PYTHONS, ProbeFactory
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -23,7 +23,7 @@ print(json.dumps({"random": random.random(), "token": secrets.token_hex(8),
 '''
 
 
-@pytest.mark.parametrize("python", sorted(INTERPRETERS))
+@pytest.mark.parametrize("python", PYTHONS)
 def test_randomness_differs_per_call(make_probe: ProbeFactory, python: str) -> None:
     """Two warm calls of one server (forks of one heap) draw different random numbers, as
     two direct runs do: random, secrets, uuid4, tempfile names, os.urandom."""

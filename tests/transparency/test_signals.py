@@ -5,26 +5,26 @@ Ctrl-C under a terminal (KeyboardInterrupt and death by SIGINT)."""
 from __future__ import annotations
 
 import os
-import select
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pexpect  # type: ignore[import-untyped]
 import pytest
-from _procfacts import raw_connect, send_fds, socket_file, title, wchan
-from conftest import scaled, wait_for
+from _procfacts import raw_connect, send_fds, socket_file, spares
+from harness import scaled, wait_for
+from procfs import listening_pid, reading_fd, signal_mask, title, wchan
 
 from prefork.common import protocol
 
-from .conftest import (
+from .probes import (
     INTERPRETERS,
+    PYTHONS,
     Probe,
     ProbeFactory,
     pty_spawn,
     pty_status,
-    reading_fd,
+    read_line,
     status_text,
 )
 
@@ -47,26 +47,6 @@ print("eof", len(data), flush=True)
 #: Signals whose default action ends the process.
 FATAL = {signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGALRM, signal.SIGQUIT,
          signal.SIGINT, signal.SIGABRT, signal.SIGRTMIN}
-
-
-def read_line(proc: subprocess.Popen[bytes], timeout: float = 10.0, eof_ok: bool = False
-              ) -> bytes:
-    """One line from ``proc``'s stdout, unbuffered (select + os.read), or fail (at EOF
-    too, unless ``eof_ok``: then what came before it)."""
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    deadline = time.monotonic() + scaled(timeout)
-    line = b""
-    while not line.endswith(b"\n"):
-        left = deadline - time.monotonic()
-        assert left > 0, f"no complete line from the probe (got {line!r})"
-        if select.select([fd], [], [], left)[0]:
-            chunk = os.read(fd, 1)
-            if not chunk and eof_ok:
-                return line
-            assert chunk, f"EOF from the probe after {line!r}"
-            line += chunk
-    return line
 
 
 def blocked(pid: int) -> None:
@@ -169,13 +149,13 @@ sys.stdin.read()
 '''
 
 
-def _shd_pending(pid: int) -> int:
-    """The process-wide pending signal mask of ``pid`` (/proc status ShdPnd)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("ShdPnd:"):
-                return int(line.split()[1], 16)
-    raise AssertionError("no ShdPnd")
+def _spare_ready(probe: Probe) -> None:
+    """Wait until the probe's server has its spare ready (titled ``[spare]``: forked after
+    the last call, past the fork hooks)."""
+    rundir = probe.env["PREFORK_INTERP_RUNDIR"]
+    server = wait_for(lambda: listening_pid(socket_file(rundir)), what="the probe's server")
+    wait_for(lambda: any(title(pid).endswith(" [spare]") for pid in spares(server)),
+             what="the server's spare")
 
 
 class Hold:
@@ -205,12 +185,6 @@ class Hold:
         os.close(fd)
 
 
-def _spare_of(script: Path) -> list[int]:
-    """Pids of spares titled ``... SCRIPT [spare]`` for ``script``."""
-    want = f"{script} [spare]"
-    return [int(n) for n in os.listdir("/proc") if n.isdigit() and title(int(n)).endswith(want)]
-
-
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM, signal.SIGINT],
                          ids=_name)
 def test_signal_while_the_executor_is_being_set_up(make_probe: ProbeFactory, tmp_path: Path,
@@ -222,9 +196,7 @@ def test_signal_while_the_executor_is_being_set_up(make_probe: ProbeFactory, tmp
     probe = make_probe(HELD_BODY, pre=HELD)
     hold = Hold(tmp_path)
     probe.prepare("warm")
-    # The spare for the next call is forked once the warm-up call has ended: arm the hold
-    # only once it exists, or the spare that serves ``before`` would be the one held.
-    wait_for(lambda: _spare_of(probe.path), what="the warm-up server's spare")
+    _spare_ready(probe)  # armed earlier, the hook would hold the spare that takes "before"
     hold.arm("child")
     before = probe.run("warm", input=b"")  # handing it out forks the next executor: held
     assert before.status == "exit 0" and before.out == b"ready\n"
@@ -235,7 +207,7 @@ def test_signal_while_the_executor_is_being_set_up(make_probe: ProbeFactory, tmp
     wait_for(lambda: wchan(p.pid).startswith("poll_schedule"),
              what="the client waiting in its x1 loop")
     os.kill(p.pid, sig)
-    wait_for(lambda: _shd_pending(child) & (1 << (sig - 1)), what="the signal pending")
+    wait_for(lambda: signal_mask(child, "ShdPnd") & (1 << (sig - 1)), what="the signal pending")
     hold.release(fd)
     assert read_line(p) == f"handler {sig}\n".encode()
     assert read_line(p) == b"ready\n"
@@ -342,7 +314,7 @@ else:
 '''
 
 
-@pytest.mark.parametrize("python", sorted(INTERPRETERS))
+@pytest.mark.parametrize("python", PYTHONS)
 @pytest.mark.parametrize("how", ["cold", "warm"])
 @pytest.mark.parametrize("where", ["read", "sleep"])
 def test_ctrl_c_under_a_terminal(make_probe: ProbeFactory, python: str, how: str,
