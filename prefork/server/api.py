@@ -123,12 +123,13 @@ def adopt_endpoints(spec: EnvSpec) -> Endpoints:
         os.set_inheritable(fd, False)
     os.set_blocking(spec.watch_err, False)
     listen_sock = socket.socket(fileno=spec.listen)
-    call_sock = socket.socket(fileno=spec.call)
-    listen_sock.setblocking(False)
     sock_path = listen_sock.getsockname()
     prefix = consts.SOCKET_PREFIX
     if not isinstance(sock_path, str) or not os.path.basename(sock_path).startswith(prefix):
+        listen_sock.detach()  # not adopted: the fd stays as it was
         raise PreforkSetupError(f"LISTEN fd {spec.listen} is not bound to a prefork socket")
+    listen_sock.setblocking(False)
+    call_sock = socket.socket(fileno=spec.call)
     run_dir, name = os.path.split(sock_path)
     log_path = os.path.join(run_dir, consts.log_name(name[len(prefix):]))
     return Endpoints(listen_sock, call_sock, log_path, _open_fds() - set(spec.fds()))

@@ -160,8 +160,8 @@ class Server:
 
     def _serve(self) -> None:
         self._install_signals()
-        self.sel.register(self.wake_r, selectors.EVENT_READ, self._on_wakeup)
-        self.sel.register(self.watch_err_fd, selectors.EVENT_READ, self._on_watcher)
+        self.sel.register(self.wake_r, selectors.EVENT_READ, self._drain_wakeups)
+        self.sel.register(self.watch_err_fd, selectors.EVENT_READ, self._watch_event)
         self._add_call(self.first_call_sock)
         self._set_accepting(True)
         self.log.info(f"server started (pid {os.getpid()}, max_servers {self.max_servers}, "
@@ -213,7 +213,7 @@ class Server:
             self.call_ended = False
             self._fork_spare()
 
-    def _on_wakeup(self) -> None:
+    def _drain_wakeups(self) -> None:
         """A signal arrived (its number on ``wake_r``): reap after this turn's events."""
         self.reap_due = True
         try:
@@ -277,7 +277,7 @@ class Server:
         starting = sum(1 for c in self.calls.values() if c.parser is not None)
         return 0 <= self.max_servers <= len(self.by_pid) + starting
 
-    def _on_watcher(self) -> None:
+    def _watch_event(self) -> None:
         try:
             data = os.read(self.watch_err_fd, 2048)
         except BlockingIOError:
