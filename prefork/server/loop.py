@@ -39,8 +39,9 @@ import time
 
 from prefork.common import fdio, protocol
 from prefork.common.consts import DELIVERABLE_SIGNALS
-from prefork.server import executor, spare
+from prefork.server import executor
 from prefork.server.autoreload import Autoreload
+from prefork.server.spare import become_spare
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -575,7 +576,7 @@ class Server:
         if pid == 0:
             # The child: its own function, with everything it needs; it returns only as
             # the executor of a call (any other end is os._exit), which leaves the loop.
-            spare.become_spare(
+            become_spare(
                 spare_end, server_pid=self.server_pid,
                 server_objects=self._held_objects(server_end), keep_fds=self.keep_fds,
                 saved_signals=self.saved_signals, prctl=self.prctl,
