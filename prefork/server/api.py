@@ -157,7 +157,7 @@ def _warn_threads(log: ServerLog) -> None:
                     "README)")
 
 
-def _daemonise_parent() -> None:
+def _daemonise() -> None:
     """setup [1] -> setup [2]: the parent exits 0 (prefork-interp waits for it); only the
     child, the server, returns."""
     sys.stdout.flush()
@@ -220,7 +220,7 @@ def _serve(config: ServerConfig) -> bool:
     sys.stdout.flush()
     sys.stderr.flush()
     _warn_threads(log)
-    _daemonise_parent()
+    _daemonise()
     try:
         _detach(config.script)
         server = Server(listen_sock=ends.listen_sock, call_sock=ends.call_sock,

@@ -92,7 +92,7 @@ class ServerConfig:
                  **options: Any) -> None:
         values = self.options(**options)
         extra = values.pop("autoreload_extra")
-        values["reload_paths"] = (*_reload_paths(also_check), *extra)
+        values["reload_paths"] = (*also_check, *extra)
         values["spec"] = spec
         values["script"] = script
         for name, value in values.items():
