@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 
 
 def initialisation_complete(**kwargs: Any) -> None:
-    """See ``prefork.server.api.initialisation_complete``."""
+    """See ``prefork.server.api.initialisation_complete``; its keywords are described and
+    checked in ``prefork.server.config.ServerConfig.options``."""
     from prefork.server.api import initialisation_complete as _f
 
     _f(**kwargs)

@@ -1,4 +1,5 @@
-"""Pure codec tests (no processes): ``prefork.common.protocol`` and ``prefork.common.envspec``.
+"""Pure codec tests (no processes): ``prefork.common.protocol`` (the wire protocol and the
+server -> spare hand-over) and ``prefork.common.envspec``.
 
 Every encoder is checked against hand-written wire bytes (so a symmetric mistake in encode and
 decode cannot hide), every decoder against every malformed input it must reject, and the
@@ -425,6 +426,124 @@ def test_truncated_request_is_never_complete() -> None:
     for n in range(len(wire)):
         parser = RequestParser(True)
         assert parser.feed(wire[:n], [10, 11, 12, 13] if n >= 2 else []) is None
+
+
+# ---------------------------------------------------------------- hand-over (server -> spare)
+
+HO_ENV = [(b"PATH", b"/usr/bin:/bin"), (b"EMPTY", b""), (b"EQ", b"x=y"), (b"", b"noname"),
+          (b"RAW", b"\xff\xfe\x80")]
+
+
+def _handover(extended: bool = True, env: list[tuple[bytes, bytes]] | None = None,
+              argv: list[bytes] | None = None, umask: int | None = 0o027, flags: int = 5,
+              fds: list[int] | None = None) -> Request:
+    return Request(extended, fds if fds is not None else ([3, 4, 5, 6] if extended else [3, 4, 5]),
+                   HO_ENV if env is None else env, ARGV if argv is None else argv,
+                   umask if extended else None, flags, 999)
+
+
+def _split(wire: bytes) -> tuple[bytes, bytes]:
+    size = protocol.HANDOVER_HEAD.size
+    return wire[:size], wire[size:]
+
+
+def test_handover_encoding_matches_the_spec() -> None:
+    """The bytes as the docstring words them, built independently of the encoder."""
+    req = _handover(env=[(b"A", b"1"), (b"B", b"")], argv=[b"py", b"s", b""])
+    wire = protocol.encode_handover(req, client_pid=4242, with_env=True)
+    argv_blob, env_blob = b"py\0s\0\0", b"A=1\0B=\0"
+    head = (b"PH" + bytes([4, 1 | 2 | 4]) + struct.pack(">IIIII", 0o027, 5, 4242,
+                                                         len(argv_blob), len(env_blob)))
+    assert len(head) == 24 == protocol.HANDOVER_HEAD.size
+    assert wire == head + argv_blob + env_blob
+
+
+@pytest.mark.parametrize("extended", [True, False])
+@pytest.mark.parametrize("with_env", [True, False])
+def test_handover_round_trip(extended: bool, with_env: bool) -> None:
+    req = _handover(extended)
+    wire = protocol.encode_handover(req, client_pid=31337, with_env=with_env)
+    head, body = _split(wire)
+    assert protocol.decode_handover_head(head) == len(body)
+    got, got_env = protocol.decode_handover(head, body, list(req.fds))
+    assert got_env is with_env
+    assert (got.extended, got.fds, got.argv, got.umask, got.flags, got.client_pid) == (
+        extended, req.fds, ARGV, 0o027 if extended else None, 5, 31337)
+    assert got.env == (HO_ENV if with_env else [])
+
+
+def test_handover_round_trip_of_edge_values() -> None:
+    """A lone interpreter, an empty environment sent on purpose, umask 0, every flag bit."""
+    req = _handover(env=[], argv=[b"/usr/bin/python3"], umask=0, flags=0xFFFFFFFF)
+    head, body = _split(protocol.encode_handover(req, client_pid=0xFFFFFFFF, with_env=True))
+    got, with_env = protocol.decode_handover(head, body, [7, 8, 9, 10])
+    assert with_env and got.env == [] and got.argv == [b"/usr/bin/python3"]
+    assert (got.umask, got.flags, got.client_pid) == (0, 0xFFFFFFFF, 0xFFFFFFFF)
+
+
+@pytest.mark.parametrize(("req", "match"), [
+    (_handover(argv=[]), "no interpreter"),
+    (_handover(argv=[b"py", b"a\0b"]), "argument contains a NUL"),
+    (_handover(env=[(b"A", b"x\0y")]), "environment entry contains a NUL"),
+    (_handover(env=[(b"A\0B", b"x")]), "environment entry contains a NUL"),
+    (_handover(env=[(b"A=B", b"x")]), "environment name with '='"),
+])
+def test_handover_encoder_refuses_what_cannot_round_trip(req: Request, match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        protocol.encode_handover(req, client_pid=1, with_env=True)
+
+
+def test_handover_truncated_anywhere_is_a_clear_error() -> None:
+    wire = protocol.encode_handover(_handover(), client_pid=1, with_env=True)
+    head, body = _split(wire)
+    for n in range(len(head)):
+        with pytest.raises(ProtocolError, match=rf"truncated head \({n} of 24 bytes\)"):
+            protocol.decode_handover_head(head[:n])
+    for n in range(len(body)):
+        with pytest.raises(ProtocolError, match=f"body of {n} bytes, expected {len(body)}"):
+            protocol.decode_handover(head, body[:n], [3, 4, 5, 6])
+
+
+def _head(magic: bytes = b"PH", nfds: int = 4, bits: int = 7, umask: int = 0o22,
+          argv_len: int = 3, env_len: int = 0) -> bytes:
+    return struct.pack(">2sBBIIIII", magic, nfds, bits, umask, 0, 1, argv_len, env_len)
+
+
+@pytest.mark.parametrize(("head", "match"), [
+    (_head(magic=b"PF"), "bad magic"),
+    (b"\xff" * 24, "bad magic"),
+    (_head(bits=8), "unknown bits 0x08"),
+    (_head(bits=0x80 | 1), "unknown bits"),
+    (_head(nfds=3), "3 fds announced, a call has 4"),
+    (_head(bits=0, nfds=4), "4 fds announced, a call has 3"),
+    (_head(umask=0o1000), "bad umask"),
+    (_head(argv_len=0), "bad lengths"),
+    (_head(argv_len=protocol.MAX_MESSAGE + 1), "bad lengths"),
+    (_head(env_len=protocol.MAX_MESSAGE + 1), "bad lengths"),
+    (_head(bits=1 | 4, env_len=4), "environment bytes without the environment bit"),
+])
+def test_handover_garbage_head(head: bytes, match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        protocol.decode_handover_head(head)
+
+
+@pytest.mark.parametrize(("body", "env_len", "match"), [
+    (b"py\0s", 0, "argv without its trailing NUL"),
+    (b"py\0A=1", 4, "argv without its trailing NUL"),
+    (b"py\0A=1", 3, "environment without its trailing NUL"),
+    (b"py\0NOEQ\0", 5, "environment entry without '='"),
+])
+def test_handover_garbage_body(body: bytes, env_len: int, match: str) -> None:
+    head = _head(argv_len=len(body) - env_len, env_len=env_len)
+    with pytest.raises(ProtocolError, match=match):
+        protocol.decode_handover(head, body, [3, 4, 5, 6])
+
+
+@pytest.mark.parametrize("fds", [[], [3, 4, 5], [3, 4, 5, 6, 7]])
+def test_handover_with_the_wrong_number_of_fds(fds: list[int]) -> None:
+    head, body = _split(protocol.encode_handover(_handover(), client_pid=1, with_env=False))
+    with pytest.raises(ProtocolError, match=f"expected 4 fds, got {len(fds)}"):
+        protocol.decode_handover(head, body, fds)
 
 
 # ---------------------------------------------------------------- envspec

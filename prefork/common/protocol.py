@@ -52,6 +52,21 @@ After the request both directions carry 5-byte *records* ``tag:u8 value:u32be``:
 - server -> client ``W status``: the final wait status; the server closes the connection.
 
 Unknown tags are ignored by both sides (room for further records).
+
+Hand-over (server -> spare; internal, both ends are the same program)
+---------------------------------------------------------------------
+
+The server hands a complete call to its spare executor in one message on their socket pair,
+the call's fds (3 for v1, 4 for x1) riding on its first byte by SCM_RIGHTS::
+
+    magic:2s = b"PH"  nfds:u8  bits:u8  umask:u32be  flags:u32be  client_pid:u32be
+    argv_len:u32be  env_len:u32be                                   (the 24-byte head)
+    argv:argv_len bytes    every argument NUL-terminated; at least one (the interpreter)
+    env:env_len bytes      every ``NAME=value`` NUL-terminated (only with bit 2)
+
+``bits``: 1 = extended (x1) call; 2 = the environment is included (else the spare keeps the
+one it has: the server's at its fork, which was this call's); 4 = ``umask`` is set.  Other
+bits are refused.  EOF where the head would be: the server lets the spare go.
 """
 
 from __future__ import annotations
@@ -85,6 +100,14 @@ REC_STATUS = b"W"
 MAX_MESSAGE = 32 * 1024 * 1024
 #: Upper bound on greeting extra data and on the extension block.
 MAX_XDATA = 64 * 1024
+
+
+HANDOVER_MAGIC = b"PH"
+HANDOVER_HEAD = _struct.Struct(">2sBBIIIII")
+HANDOVER_EXTENDED = 1
+HANDOVER_ENV = 2
+HANDOVER_UMASK = 4
+_HANDOVER_BITS = HANDOVER_EXTENDED | HANDOVER_ENV | HANDOVER_UMASK
 
 
 class ProtocolError(Exception):
@@ -302,3 +325,89 @@ def encode_request_x1_tail(env: list[bytes], argv: list[bytes], umask: int, flag
                            client_pid: int) -> bytes:
     """What follows the fds in an x1 request."""
     return encode_message(env, argv) + encode_ext(umask, flags, client_pid)
+
+
+# ---------------------------------------------------------------- hand-over (server -> spare)
+
+
+def encode_handover(req: Request, *, client_pid: int, with_env: bool) -> bytes:
+    """The hand-over of ``req`` (its fds are sent alongside: only their number is here);
+    ``client_pid``: the caller as the server knows it; ``with_env``: include ``req.env``."""
+    argv = req.argv
+    if not argv:
+        raise ProtocolError("hand-over: no interpreter in argv")
+    argv_blob = b"\0".join(argv) + b"\0"
+    if argv_blob.count(b"\0") != len(argv):
+        raise ProtocolError("hand-over: argument contains a NUL byte")
+    bits = HANDOVER_EXTENDED if req.extended else 0
+    env_blob = b""
+    if with_env:
+        bits |= HANDOVER_ENV
+        env = req.env
+        if env:
+            for name, _value in env:
+                if b"=" in name:
+                    raise ProtocolError(f"hand-over: environment name with '=': {name[:60]!r}")
+            env_blob = b"\0".join([name + b"=" + value for name, value in env]) + b"\0"
+            if env_blob.count(b"\0") != len(env):
+                raise ProtocolError("hand-over: environment entry contains a NUL byte")
+    umask = 0
+    if req.umask is not None:
+        bits |= HANDOVER_UMASK
+        umask = req.umask
+    head = HANDOVER_HEAD.pack(HANDOVER_MAGIC, len(req.fds), bits, umask, req.flags,
+                              client_pid, len(argv_blob), len(env_blob))
+    return head + argv_blob + env_blob
+
+
+def decode_handover_head(head: bytes) -> int:
+    """Check a hand-over's head; return the length of the body that follows it."""
+    if len(head) != HANDOVER_HEAD.size:
+        raise ProtocolError(f"hand-over: truncated head ({len(head)} of "
+                            f"{HANDOVER_HEAD.size} bytes)")
+    magic, nfds, bits, umask, _flags, _pid, argv_len, env_len = HANDOVER_HEAD.unpack(head)
+    if magic != HANDOVER_MAGIC:
+        raise ProtocolError(f"hand-over: bad magic {magic!r}")
+    if bits & ~_HANDOVER_BITS:
+        raise ProtocolError(f"hand-over: unknown bits {bits:#04x}")
+    want = X1_FDS if bits & HANDOVER_EXTENDED else V1_FDS
+    if nfds != want:
+        raise ProtocolError(f"hand-over: {nfds} fds announced, a call has {want}")
+    if umask > 0o777:
+        raise ProtocolError(f"hand-over: bad umask {umask:#o}")
+    if not 0 < argv_len <= MAX_MESSAGE or env_len > MAX_MESSAGE:
+        raise ProtocolError(f"hand-over: bad lengths (argv {argv_len}, env {env_len})")
+    if env_len and not bits & HANDOVER_ENV:
+        raise ProtocolError("hand-over: environment bytes without the environment bit")
+    return int(argv_len + env_len)
+
+
+def decode_handover(head: bytes, body: bytes, fds: list[int]) -> tuple[Request, bool]:
+    """The call handed over (``head`` as checked by ``decode_handover_head``, its ``body``,
+    the ``fds`` that came with it), and whether it includes the environment (else
+    ``Request.env`` is empty: the spare keeps its own)."""
+    length = decode_handover_head(head)
+    _magic, nfds, bits, umask, flags, pid, argv_len, _env_len = HANDOVER_HEAD.unpack(head)
+    if len(body) != length:
+        raise ProtocolError(f"hand-over: body of {len(body)} bytes, expected {length}")
+    if len(fds) != nfds:
+        raise ProtocolError(f"hand-over: expected {nfds} fds, got {len(fds)}")
+    argv_blob = body[:argv_len]
+    if not argv_blob.endswith(b"\0"):
+        raise ProtocolError("hand-over: argv without its trailing NUL")
+    argv = argv_blob[:-1].split(b"\0")
+    env: list[tuple[bytes, bytes]] = []
+    env_blob = body[argv_len:]
+    if env_blob:
+        if not env_blob.endswith(b"\0"):
+            raise ProtocolError("hand-over: environment without its trailing NUL")
+        for entry in env_blob[:-1].split(b"\0"):
+            name, eq, value = entry.partition(b"=")
+            if not eq:
+                raise ProtocolError(f"hand-over: environment entry without '=': "
+                                    f"{entry[:60]!r}")
+            env.append((name, value))
+    extended = bool(bits & HANDOVER_EXTENDED)
+    req = Request(extended, fds, env, argv, umask if bits & HANDOVER_UMASK else None,
+                  int(flags), int(pid))
+    return req, bool(bits & HANDOVER_ENV)

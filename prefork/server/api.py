@@ -11,15 +11,22 @@ import os
 import signal
 import sys
 
+from prefork.common import consts
+from prefork.common.consts import EXIT_FAILED
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    import ctypes
+    import socket
+    from collections.abc import Callable
+    from typing import Any, NoReturn
+
+    from prefork.common.envspec import EnvSpec
+    from prefork.server.config import ServerConfig
+    from prefork.server.log import ServerLog
 
 _extra_reload_paths: list[str] = []
 _server: object = None  # the Server, never freed (see _serve)
-
-#: Exit status of a setup that cannot become a server (as the reference's ``fail_log``).
-SETUP_FAILED = 127
 
 
 class PreforkSetupError(Exception):
@@ -31,10 +38,56 @@ def autoreload_also_check(*paths: str | os.PathLike[str]) -> None:
     _extra_reload_paths.extend(os.fspath(p) for p in paths)
 
 
-def _fail(msg: str) -> None:
+def _fail(msg: str) -> NoReturn:
     sys.stderr.write(f"prefork: {msg}\n")
     sys.stderr.flush()
-    raise SystemExit(SETUP_FAILED)
+    raise SystemExit(EXIT_FAILED)
+
+
+def initialisation_complete(**options: Any) -> None:
+    """Become the server (under prefork-interp); return once per call, in its executor.
+
+    The keywords (``max_servers``, ``idle_timeout``, ``autoreload``, ``autoreload_extra``,
+    ``log``, ``fast_exit``) are described, defaulted and checked in one place:
+    ``prefork.server.config.ServerConfig.options``.  Run as a plain script, the options
+    are checked and it returns at once.
+    """
+    from prefork.common import envspec
+    from prefork.server.config import ConfigError, ServerConfig
+
+    value = os.environ.get(envspec.ENV_NAME)
+    if value is None:
+        ServerConfig.options(**options)
+        return
+    try:
+        config = ServerConfig.from_contract(value, sys.argv[0] if sys.argv else "?",
+                                            _extra_reload_paths, **options)
+    except ConfigError as e:
+        _fail(str(e))
+    del os.environ[envspec.ENV_NAME]
+    try:
+        fast = _serve(config)
+        from prefork.server import fastexit
+
+        if not fast:
+            fastexit.full_teardown_at_exit()
+    except PreforkSetupError as e:
+        _fail(str(e))
+
+
+class Endpoints:
+    """The fds of the contract, checked and adopted: the sockets and where they live."""
+
+    __slots__ = ("call_sock", "keep_fds", "listen_sock", "log_path")
+
+    def __init__(self, listen_sock: socket.socket, call_sock: socket.socket,
+                 log_path: str, keep_fds: set[int]) -> None:
+        self.listen_sock = listen_sock
+        self.call_sock = call_sock
+        #: The run directory's log file for this server's ident, ``p<IDENT>.log``.
+        self.log_path = log_path
+        #: The script's own fds (every fd open now but the contract's): executors keep them.
+        self.keep_fds = keep_fds
 
 
 def _check_fd(fd: int, what: str, want_socket: bool) -> None:
@@ -57,58 +110,11 @@ def _open_fds() -> set[int]:
         return set()
 
 
-def initialisation_complete(*, max_servers: int = 4, idle_timeout: float | None = 3600.0,
-                            autoreload: bool = True, autoreload_extra: Iterable[str] = (),
-                            log: str | None = None, fast_exit: bool = True) -> None:
-    """Become the server (under prefork-interp); return once per call, in its executor.
-
-    ``max_servers``: calls run at once (negative: no limit); more wait their turn.
-    ``idle_timeout``: seconds without calls before the server quits (None or < 0: never).
-    ``autoreload``: quit when the script, a loaded module or ``autoreload_extra`` changes.
-    ``log``: None (syslog if /dev/log exists, else ``p<IDENT>.log`` in the run directory),
-    "syslog", "file", "stderr" or a file path.
-    ``fast_exit``: end each call without tearing down the inherited heap (Python 3.12+;
-    see ``prefork.server.fastexit``).
-    """
-    from prefork.common import envspec
-
-    value = os.environ.get(envspec.ENV_NAME)
-    if value is None:
-        return
-    try:
-        spec = envspec.parse(value)
-    except envspec.EnvSpecError as e:
-        _fail(str(e))
-        return
-    del os.environ[envspec.ENV_NAME]
-    try:
-        fast = _serve(spec, max_servers, idle_timeout, autoreload, list(autoreload_extra),
-                      log, fast_exit)
-        from prefork.server import fastexit
-
-        if not fast:
-            fastexit.full_teardown_at_exit()
-    except PreforkSetupError as e:
-        _fail(str(e))
-
-
-def _serve(spec: object, max_servers: int, idle_timeout: float | None, autoreload: bool,
-           extra: list[str], log_target: str | None, fast_exit: bool) -> bool:
-    """Become the server; returns in each executor, saying whether its fast exit is armed."""
-    import ctypes
-    import locale  # noqa: F401 - for executors (see below)
+def adopt_endpoints(spec: EnvSpec) -> Endpoints:
+    """Check the contract's fds (``PreforkSetupError`` says which is wrong), make them
+    non-inheritable and wrap the sockets."""
     import socket
 
-    from prefork.common import envspec
-    from prefork.server import autoreload as ar
-    from prefork.server import fastexit
-    from prefork.server.log import ServerLog
-    from prefork.server.loop import Server
-
-    # locale (rebuilding stdio) is imported here, once, for the executors: an import in
-    # every executor would cost more than all the rest of its set-up.
-
-    assert isinstance(spec, envspec.EnvSpec)
     _check_fd(spec.listen, "LISTEN", True)
     _check_fd(spec.call, "CALL", True)
     _check_fd(spec.watch_in, "WATCHI", False)
@@ -117,35 +123,31 @@ def _serve(spec: object, max_servers: int, idle_timeout: float | None, autoreloa
         os.set_inheritable(fd, False)
     os.set_blocking(spec.watch_err, False)
     listen_sock = socket.socket(fileno=spec.listen)
-    call_sock = socket.socket(fileno=spec.call)
-    listen_sock.setblocking(False)
     sock_path = listen_sock.getsockname()
-    if not isinstance(sock_path, str) or not os.path.basename(sock_path).startswith("s"):
+    prefix = consts.SOCKET_PREFIX
+    if not isinstance(sock_path, str) or not os.path.basename(sock_path).startswith(prefix):
+        listen_sock.detach()  # not adopted: the fd stays as it was
         raise PreforkSetupError(f"LISTEN fd {spec.listen} is not bound to a prefork socket")
+    listen_sock.setblocking(False)
+    call_sock = socket.socket(fileno=spec.call)
     run_dir, name = os.path.split(sock_path)
-    keep = _open_fds() - set(spec.fds())
+    log_path = os.path.join(run_dir, consts.log_name(name[len(prefix):]))
+    return Endpoints(listen_sock, call_sock, log_path, _open_fds() - set(spec.fds()))
 
-    script = sys.argv[0] if sys.argv else "?"
-    log = ServerLog(script, log_target, os.path.join(run_dir, f"p{name[1:]}.log"))
-    # The dispositions the server changes (SIGPIPE: ignored, whatever the script chose, so
-    # that writing to a client already gone is an error, not the server's death), given
-    # back to the script in every executor.
-    saved = {int(s): signal.getsignal(s) for s in
-             (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGPIPE)}
-    reload = None
-    if autoreload:
-        reload = ar.Autoreload(spec.birth_ns, [*ar.module_files(), *_extra_reload_paths, *extra])
-    libc: ctypes.CDLL | None
+
+def _load_prctl() -> tuple[ctypes.CDLL | None, Callable[..., int] | None]:
+    """libc (for ``malloc_trim``) and its ``prctl`` (for PDEATHSIG), where there are."""
+    import ctypes
+
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        prctl = libc.prctl
+        return libc, libc.prctl
     except (OSError, AttributeError):
-        libc = prctl = None
-    if idle_timeout is not None and idle_timeout < 0:
-        idle_timeout = None
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Threads must be counted here: after the fork below only this one exists.
+        return None, None
+
+
+def _warn_threads(log: ServerLog) -> None:
+    """Threads must be counted before the fork: after it only this one exists."""
     threading = sys.modules.get("threading")
     if threading is not None and threading.active_count() > 1:
         names = ", ".join(t.name for t in threading.enumerate()
@@ -154,35 +156,80 @@ def _serve(spec: object, max_servers: int, idle_timeout: float | None, autoreloa
                     f"thread exists in the server and its executors (others: {names}; see "
                     "README)")
 
-    # setup [1] -> setup [2] exits 0 (prefork-interp waits for it); server carries on.
+
+def _daemonise() -> None:
+    """setup [1] -> setup [2]: the parent exits 0 (prefork-interp waits for it); only the
+    child, the server, returns."""
+    sys.stdout.flush()
+    sys.stderr.flush()
     if os.fork():
         os._exit(0)
+
+
+def _detach(script: str) -> None:
+    """In the server: its own session, its title, stdio on /dev/null."""
+    os.setsid()
+    _title(f"{script} [server]")
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+
+
+def _freeze_heap(fast_exit: bool, libc: ctypes.CDLL | None) -> bool:
+    """Ready the heap for forking (collected, frozen, trimmed) and arm the fast exit once
+    for all executors; says whether it is armed."""
+    import gc
+
+    from prefork.server import fastexit
+
+    fast = fast_exit and fastexit.install()
+    gc.collect()
+    fastexit.remember_open_files()
+    fastexit.remember_main_globals()
+    gc.freeze()
+    # glibc returns the heap's free pages to the kernel: fewer to copy at every fork.
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+    return fast
+
+
+def _serve(config: ServerConfig) -> bool:
+    """Become the server; returns in each executor, saying whether its fast exit is armed."""
+    import locale  # noqa: F401 - for executors (see below)
+
+    from prefork.server import autoreload as ar
+    from prefork.server.log import ServerLog
+    from prefork.server.loop import Server
+
+    # locale (rebuilding stdio) is imported here, once, for the executors: an import in
+    # every executor would cost more than all the rest of its set-up.
+    spec = config.spec
+    ends = adopt_endpoints(spec)
+    log = ServerLog(config.script, config.log, ends.log_path)
+    # The dispositions the server changes (SIGPIPE: ignored, whatever the script chose, so
+    # that writing to a client already gone is an error, not the server's death), given
+    # back to the script in every executor.
+    saved = {int(s): signal.getsignal(s) for s in
+             (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGPIPE)}
+    reload = None
+    if config.autoreload:
+        reload = ar.Autoreload(spec.birth_ns, [*ar.module_files(), *config.reload_paths])
+    libc, prctl = _load_prctl()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    _warn_threads(log)
+    _daemonise()
     try:
-        os.setsid()
-        _title(f"{script} [server]")
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
-        os.close(null)
-        server = Server(listen_sock=listen_sock, call_sock=call_sock,
+        _detach(config.script)
+        server = Server(listen_sock=ends.listen_sock, call_sock=ends.call_sock,
                         watch_in_fd=spec.watch_in, watch_err_fd=spec.watch_err,
-                        birth_ns=spec.birth_ns, log=log, max_servers=max_servers,
-                        idle_timeout=idle_timeout, autoreload=reload, saved_signals=saved,
-                        keep_fds=keep, script=script, prctl=prctl, set_title=_title)
-        import gc
-
-        from prefork.server.fastexit import remember_main_globals, remember_open_files
-
-        # The fast exit is armed once, here, for all executors (not in each of them).
-        fast = fast_exit and fastexit.install()
-        gc.collect()
-        remember_open_files()
-        remember_main_globals()
-        gc.freeze()
-        # glibc returns the heap's free pages to the kernel: fewer to copy at every fork.
-        trim = getattr(libc, "malloc_trim", None)
-        if trim is not None:
-            trim(0)
+                        birth_ns=spec.birth_ns, log=log, max_servers=config.max_servers,
+                        idle_timeout=config.idle_timeout, autoreload=reload,
+                        saved_signals=saved, keep_fds=ends.keep_fds, script=config.script,
+                        prctl=prctl, set_title=_title)
+        fast = _freeze_heap(config.fast_exit, libc)
         # Kept referenced for good: in an executor, run() returns and dropping the server
         # would free its objects one by one (every one written to, so copied).
         global _server

@@ -12,21 +12,23 @@ not while the call just handed out runs, where the fork would compete with it.  
 that finds no spare gets one forked on the spot.  The spare has already done everything
 that does not depend on the call (its own process group, PDEATHSIG, the script's signal
 handlers, none of the server's fds, the stdio settings for the environment it has) and
-waits, every signal blocked, on its end of a socket pair; the call's fds and a
-``marshal``-ed summary of the request (argv, environment if it differs from the spare's,
+waits, every signal blocked, on its end of a socket pair; the call's fds and the
+hand-over (``protocol.encode_handover``: argv, environment if it differs from the spare's,
 umask, flags, client pid) come through it.  The fork and that set-up -- most of an
 executor's start -- are thus off the caller's path; still one fork per call.
 
-``Server.run()`` returns only in an executor, once it has taken on its call; the server
-process itself always ends in ``os._exit``.  Below, a method returning True means the same:
-this process is now an executor, unwind to ``run()``.
+The child's side is ``spare.become_spare()``, called right after the fork with everything it
+needs; it returns only once the child is the executor of its call.  The child then leaves
+the loop at one point: ``_fork_spare`` raises ``TookCall``, which only ``run()`` catches, so
+``run()`` returns only in an executor.  The server process itself always ends in
+``os._exit``.
 """
 
 from __future__ import annotations
 
 import _signal
 import errno
-import marshal
+import functools
 import os
 import selectors
 import signal
@@ -36,27 +38,17 @@ import sys
 import time
 
 from prefork.common import fdio, protocol
+from prefork.common.consts import DELIVERABLE_SIGNALS
 from prefork.server import executor
 from prefork.server.autoreload import Autoreload
+from prefork.server.spare import become_spare
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable, Iterator, Mapping
 
     from prefork.server.log import ServerLog
-
-#: Signals a client may ask us to deliver (anything a caller can send that a script can catch).
-FORWARDABLE = frozenset(
-    int(s) for s in (
-        signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
-        signal.SIGPIPE, signal.SIGALRM, signal.SIGTERM, signal.SIGCONT, signal.SIGTSTP,
-        signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH, signal.SIGURG, signal.SIGXCPU,
-        signal.SIGXFSZ, signal.SIGVTALRM, signal.SIGPROF, signal.SIGPWR, signal.SIGSYS,
-        signal.SIGTRAP, signal.SIGABRT, signal.SIGBUS, signal.SIGFPE, signal.SIGSEGV,
-        signal.SIGILL, signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, signal.SIGIO,
-        signal.SIGSTKFLT,
-    )
-) | frozenset(range(signal.SIGRTMIN, signal.SIGRTMAX + 1))
+    from prefork.server.spare import Closable
 
 _READS_PER_TURN = 8       # reads of one connection's request per turn of the loop, at most
 REQUEST_TIMEOUT = 30.0   # a connection must deliver its request within this
@@ -85,21 +77,26 @@ class Call:
 
 
 class Spare:
-    """The ready executor: its pid and the server's end of its socket pair."""
+    """The ready executor, as the server knows it: its pid and the server's end of its
+    socket pair."""
 
-    __slots__ = ("dispatch_sock", "environ", "pid")
+    __slots__ = ("environ", "handover_sock", "pid")
 
-    def __init__(self, pid: int, dispatch_sock: socket.socket, environ: object) -> None:
+    def __init__(self, pid: int, handover_sock: socket.socket, environ: object) -> None:
         self.pid = pid
-        self.dispatch_sock: socket.socket | None = dispatch_sock
+        self.handover_sock: socket.socket | None = handover_sock
         #: ``Server.environ`` when it was forked: the environment it already has.
         self.environ = environ
 
 
-#: What a spare receives first: the payload's length, then ``len(fds)``; the fds ride on it.
-_DISPATCH_HEAD = struct.Struct("=IB")
-#: A dispatch must be taken within this (a spare that does not read is killed).
-DISPATCH_TIMEOUT = 5.0
+class TookCall(BaseException):
+    """Raised in a forked child once it is the executor of its call: unwinds the loop to
+    ``Server.run()``, which returns into the script.  (A BaseException, so that no
+    ``except Exception`` on the way can keep the child in the server's loop.)"""
+
+
+#: A hand-over must be taken within this (a spare that does not read is killed).
+HANDOVER_TIMEOUT = 5.0
 
 
 class Server:
@@ -141,6 +138,7 @@ class Server:
         self.spare: Spare | None = None
         self.spare_pids: set[int] = set()
         self.call_ended = False
+        self.reap_due = False
 
     # ------------------------------------------------------------ set-up
 
@@ -154,19 +152,24 @@ class Server:
         """Handlers only wake the loop (the byte arrives on ``wake_r``)."""
 
     def run(self) -> None:
-        """Serve until told to quit; returns only in an executor, ready to run its call."""
+        """Serve until told to quit (the server then ends in ``os._exit``); returns only in
+        an executor, ready to run its call."""
+        try:
+            self._serve()
+        except TookCall:
+            return  # the one way out of the loop: this process is now an executor
+
+    def _serve(self) -> None:
         self._install_signals()
-        self.sel.register(self.wake_r, selectors.EVENT_READ, "wake")
-        self.sel.register(self.watch_err_fd, selectors.EVENT_READ, "watch")
+        self.sel.register(self.wake_r, selectors.EVENT_READ, self._drain_wakeups)
+        self.sel.register(self.watch_err_fd, selectors.EVENT_READ, self._watch_event)
         self._add_call(self.first_call_sock)
         self._set_accepting(True)
         self.log.info(f"server started (pid {os.getpid()}, max_servers {self.max_servers}, "
                       f"idle timeout {self.idle_timeout})")
-        if self._fork_spare():
-            return
+        self._fork_spare()
         while True:
-            if self._step():
-                return
+            self._step()
 
     # ------------------------------------------------------------ the loop
 
@@ -187,7 +190,7 @@ class Server:
             return None
         return max(0.0, min(deadlines) - now)
 
-    def _step(self) -> bool:
+    def _step(self) -> None:
         if self.quitting is not None and not self.calls and not self.by_pid \
                 and not self.spare_pids:
             self.log.info(f"quitting: {self.quitting}")
@@ -197,19 +200,11 @@ class Server:
         now = time.monotonic()
         # Children are reaped when a signal woke us (SIGCHLD comes through the wakeup fd) or
         # on a timeout, not on every turn: each turn's work is paid for on every call.
-        reap = not events
+        self.reap_due = not events
         for key, _mask in events:
-            tag = key.data
-            if tag == "wake":
-                self._drain_wakeups()
-                reap = True
-            elif tag == "watch":
-                self._watch_event()
-            elif tag == "listen":
-                self._accept()
-            elif self._call_readable(tag):
-                return True
-        if reap:
+            key.data()  # the handler it was registered with
+        if self.reap_due:
+            self.reap_due = False
             self._reap()
         self._timers(now)
         # The next spare is forked once no call is left running, or when one has just
@@ -217,10 +212,11 @@ class Server:
         # a big heap) would hold up the server's reply to it, on the same few cores.
         if self.spare is None and (self.call_ended or not self.by_pid):
             self.call_ended = False
-            return self._fork_spare()
-        return False
+            self._fork_spare()
 
     def _drain_wakeups(self) -> None:
+        """A signal arrived (its number on ``wake_r``): reap after this turn's events."""
+        self.reap_due = True
         try:
             data = os.read(self.wake_r, 4096)
         except BlockingIOError:
@@ -272,7 +268,7 @@ class Server:
         self.accepting = on
         if on:
             assert self.listen_sock is not None
-            self.sel.register(self.listen_sock, selectors.EVENT_READ, "listen")
+            self.sel.register(self.listen_sock, selectors.EVENT_READ, self._accept)
         elif self.listen_sock is not None:
             self.sel.unregister(self.listen_sock)
 
@@ -336,7 +332,8 @@ class Server:
             sock.close()
             return
         self.calls[sock] = call
-        self.sel.register(sock, selectors.EVENT_READ, sock)
+        self.sel.register(sock, selectors.EVENT_READ,
+                          functools.partial(self._call_readable, call))
 
     def _drop(self, call: Call) -> None:
         """Forget the connection (closing any fds it had delivered)."""
@@ -360,24 +357,22 @@ class Server:
         call.sock.close()
         call.sock = None
 
-    def _call_readable(self, sock: socket.socket) -> bool:
-        call = self.calls.get(sock)
-        if call is None:
-            return False
+    def _call_readable(self, call: Call) -> None:
+        sock = call.sock
+        if sock is None:
+            return  # forgotten earlier in this turn
         maxfds = protocol.X1_FDS
         # A request comes in several messages (a v1 client sends each fd on its own): read
         # on until the socket is empty, rather than one message per turn of the loop.
         for _ in range(_READS_PER_TURN):
             try:
-                if self._read_call(call, sock, maxfds):
-                    return True
+                self._read_call(call, sock, maxfds)
             except BlockingIOError:
-                return False
+                return
             if call.parser is None or call.sock is None:
-                return False
-        return False
+                return
 
-    def _read_call(self, call: Call, sock: socket.socket, maxfds: int) -> bool:
+    def _read_call(self, call: Call, sock: socket.socket, maxfds: int) -> None:
         """One read from a call's socket (see ``_call_readable``); ``BlockingIOError`` when
         there is nothing to read."""
         try:
@@ -399,30 +394,30 @@ class Server:
                     self.log.warning("rejected a call: the client closed the connection "
                                      "before the request was complete")
                 self._drop(call)
-                return False
+                return
             try:
                 req = call.parser.feed(data, fds)
             except protocol.ProtocolError as e:
                 self.log.warning(f"rejected a call: {e}")
                 self._drop(call)
-                return False
+                return
             if req is None:
-                return False
+                return
             rest = call.parser.rest
             call.parser = None
-            return self._start(call, req, rest)
+            self._start(call, req, rest)
+            return
         if not data:
             self._client_gone(call)
-            return False
+            return
         if call.extended:
             self._records(call, data)
-        return False
 
     def _records(self, call: Call, data: bytes) -> None:
         recs, call.pending = protocol.decode_records(call.pending + data)
         for tag, value in recs:
             if tag == protocol.REC_SIGNAL and call.pid:
-                if value in FORWARDABLE:
+                if value in DELIVERABLE_SIGNALS:
                     self._killpg(call.pid, value)
                 else:
                     self.log.warning(f"ignored a request to deliver signal {value}")
@@ -470,7 +465,7 @@ class Server:
 
     # ------------------------------------------------------------ executors
 
-    def _start(self, call: Call, req: protocol.Request, rest: bytes) -> bool:
+    def _start(self, call: Call, req: protocol.Request, rest: bytes) -> None:
         """Hand a complete request to the spare (forked now if there is none; the next one
         is forked later, see ``_step``)."""
         # The caller's environment is set in the server too, so that the next spares have
@@ -488,9 +483,9 @@ class Server:
                 pass
         pid = None
         for _attempt in range(2):  # a spare that died meanwhile is replaced, once
-            if self.spare is None and self._fork_spare(needed=True):
-                return True
-            pid = self._dispatch(req, client_pid)
+            if self.spare is None:
+                self._fork_spare(needed=True)
+            pid = self._hand_over(req, client_pid)
             if pid is not None:
                 break
         for fd in req.fds:
@@ -498,7 +493,7 @@ class Server:
         if pid is None:
             self.log.error("could not start an executor for a call: dropped it")
             self._forget_sock(call)
-            return False
+            return
         call.pid = pid
         call.extended = req.extended
         self.by_pid[pid] = call
@@ -508,22 +503,19 @@ class Server:
             self._send(call, protocol.encode_record(protocol.REC_PID, pid))
             if rest:
                 self._records(call, rest)
-        return False
 
-    def _dispatch(self, req: protocol.Request, client_pid: int) -> int | None:
+    def _hand_over(self, req: protocol.Request, client_pid: int) -> int | None:
         """Send the call to the spare, which becomes its executor: its pid, or None if the
         spare could not take it (it is then killed and forgotten)."""
         spare, self.spare = self.spare, None
-        if spare is None or spare.dispatch_sock is None:
+        if spare is None or spare.handover_sock is None:
             return None
-        sock, spare.dispatch_sock = spare.dispatch_sock, None
-        env = None if spare.environ is self.environ else req.env
-        payload = marshal.dumps((req.extended, req.argv, env, req.umask, req.flags,
-                                 client_pid))
+        sock, spare.handover_sock = spare.handover_sock, None
+        message = protocol.encode_handover(req, client_pid=client_pid,
+                                           with_env=spare.environ is not self.environ)
         try:
-            sock.settimeout(DISPATCH_TIMEOUT)
-            fdio.send_fds(sock, _DISPATCH_HEAD.pack(len(payload), len(req.fds)) + payload,
-                          req.fds)
+            sock.settimeout(HANDOVER_TIMEOUT)
+            fdio.send_fds(sock, message, req.fds)
         except OSError as e:
             self.log.warning(f"ready executor {spare.pid} could not take a call ({e}): "
                              "replacing it")
@@ -545,16 +537,16 @@ class Server:
         spare, self.spare = self.spare, None
         if spare is None:
             return
-        if spare.dispatch_sock is not None:
-            spare.dispatch_sock.close()
-            spare.dispatch_sock = None
+        if spare.handover_sock is not None:
+            spare.handover_sock.close()
+            spare.handover_sock = None
         self._kill_spare(spare.pid)
 
-    def _fork_spare(self, *, needed: bool = False) -> bool:
+    def _fork_spare(self, *, needed: bool = False) -> None:
         """Fork the next ready executor (while quitting, only one ``needed`` for a call
-        already accepted).  True in it, once it has been given its call and taken it on."""
+        already accepted).  In the child, raises ``TookCall`` once it has taken on a call."""
         if self.spare is not None or (self.quitting is not None and not needed):
-            return False
+            return
         if not self.threads_warned:
             # Not imported here if the script did not: threading's fork handler costs every
             # executor a quarter of a millisecond.  Without the module there are no threads.
@@ -580,11 +572,17 @@ class Server:
             server_end.close()
             spare_end.close()
             self.log.error(f"cannot fork an executor: {e}")
-            return False
+            return
         if pid == 0:
-            server_end.close()
-            self._become_spare(spare_end)
-            return True
+            # The child: its own function, with everything it needs; it returns only as
+            # the executor of a call (any other end is os._exit), which leaves the loop.
+            become_spare(
+                spare_end, server_pid=self.server_pid,
+                server_objects=self._held_objects(server_end), keep_fds=self.keep_fds,
+                saved_signals=self.saved_signals, prctl=self.prctl,
+                title=f"{self.script} [spare]", set_title=self.set_title,
+                environ_skipped=self.environ[1] if self.environ is not None else [])
+            raise TookCall
         _signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         spare_end.close()
         try:
@@ -593,76 +591,18 @@ class Server:
             pass  # the child already did it (EACCES after its exec-free start) or is gone
         self.spare = Spare(pid, server_end, self.environ)
         self.spare_pids.add(pid)
-        return False
 
-    def _become_spare(self, dispatch_sock: socket.socket) -> None:
-        """In the new child: drop everything of the server's, wait for a call, take it on.
-        Exits quietly when the server lets it go (EOF) instead."""
-        try:
-            os.setpgid(0, 0)
-            executor.set_pdeathsig(signal.SIGKILL, self.prctl)
-            if os.getppid() != self.server_pid:  # the server died before PDEATHSIG was set
-                os._exit(1)
-            executor.restore_signals(self.saved_signals)
-            for other in list(self.calls.values()):
-                if other.sock is not None:
-                    other.sock.close()
-            for other in self.by_pid.values():
-                if other.sock is not None:
-                    other.sock.close()
-            if self.listen_sock is not None:
-                self.listen_sock.close()
-            self.sel.close()
-            self.log.close()
-            executor.close_fds_except(set(self.keep_fds) | {0, 1, 2, dispatch_sock.fileno()})
-            if self.set_title is not None:
-                self.set_title(f"{self.script} [spare]")
-            # The stdio settings for the environment the spare has (usually the call's), and
-            # the pages building the streams touches, before the call.
-            plan: executor.StdioPlan | None
-            try:
-                plan = executor.plan_stdio()
-                executor.warm_stdio(plan)
-            except Exception:  # noqa: BLE001 - e.g. an unknown PYTHONIOENCODING: decided
-                plan = None    # again with the call, whose stderr then gets the error
-            self._take_call(dispatch_sock, plan)
-        except BaseException as e:  # noqa: BLE001 - the child must never run on as a server
-            try:
-                os.write(2, f"prefork: failed to set up the executor: {e!r}\n".encode())
-            finally:
-                os._exit(127)
-
-    def _take_call(self, dispatch_sock: socket.socket, plan: executor.StdioPlan | None
-                   ) -> None:
-        """In the spare: receive the call (see ``_dispatch``) and take it on."""
-        head, fds = fdio.recv_with_fds(dispatch_sock, _DISPATCH_HEAD.size, protocol.X1_FDS)
-        if not head and not fds:
-            os._exit(0)  # let go by the server
-        if len(head) < _DISPATCH_HEAD.size:
-            head += fdio.read_exactly(dispatch_sock, _DISPATCH_HEAD.size - len(head))
-        length, nfds = _DISPATCH_HEAD.unpack(head)
-        if len(fds) != nfds:
-            raise RuntimeError(f"expected {nfds} fds from the server, got {len(fds)}")
-        extended, argv, env, umask, flags, client_pid = marshal.loads(
-            fdio.read_exactly(dispatch_sock, length))
-        dispatch_sock.close()
-        req = protocol.Request(extended, fds, env or [], argv, umask, flags, client_pid)
-        blocked = executor.inherit_from_client(client_pid) if extended else []
-        if env is not None:
-            skipped = executor.replace_environ(env)
-            plan = None  # decided for this environment by rebuild_stdio, errors to the caller
-        else:
-            skipped = self.environ[1] if self.environ is not None else []
-        executor.install_fds(req)
-        if req.umask is not None:
-            os.umask(req.umask)
-        executor.set_argv(req)
-        executor.rebuild_stdio(req.flags, plan)
-        if skipped:
-            print(f"prefork: warning: environment entries with invalid names dropped: "
-                  f"{skipped!r}", file=sys.stderr)
-        # Blocked since before the fork; now the caller's mask, as across exec.
-        _signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    def _held_objects(self, server_end: socket.socket) -> Iterator[Closable]:
+        """What holds the server's fds (for a child to close: see ``spare.become_spare``).
+        A generator: nothing of it runs before the child's guarded set-up does."""
+        yield server_end
+        for call in (*self.calls.values(), *self.by_pid.values()):
+            if call.sock is not None:
+                yield call.sock
+        if self.listen_sock is not None:
+            yield self.listen_sock
+        yield self.sel
+        yield self.log
 
     def _reaped_spare(self, pid: int, status: int) -> None:
         """A spare that had no call stopped, went on, or ended."""
