@@ -3,6 +3,7 @@
 #   make demo    build .venv and show a slow script made fast
 #   make test    install the reference binaries if missing, build .venv, run the tests
 #   make lint    ruff + mypy          make bench / make soak    (see README)
+#   make man     regenerate man/man1/*.1 from docs/man/*.rst (docutils' rst2man; both committed)
 #
 # PYTHON: the newest Python >= 3.12 that actually runs (pyenv shims on PATH fail unless their
 # version is active, so every candidate is run, not just looked up); else python3.  Newer is
@@ -30,10 +31,10 @@ PYTEST  := $(VPY) -m pytest -p no:cacheprovider
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || ! command -v sudo >/dev/null || echo sudo)
 REFERENCE := /usr/bin/prefork-interp /usr/share/perl5/Proc/Prefork/Interp.pm
 
-.PHONY: help venv deps test demo bench soak lint clean distclean
+.PHONY: help venv deps test demo bench soak lint man clean distclean
 
 help:
-	@echo "targets: venv deps test demo bench soak lint clean distclean   (PYTHON=$(PYTHON))"
+	@echo "targets: venv deps test demo bench soak lint man clean distclean   (PYTHON=$(PYTHON))"
 
 # ------------------------------------------------------------------ venv
 
@@ -87,6 +88,19 @@ bench: deps venv
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+
+# Manual pages: one reStructuredText source per command, rendered by docutils (a test
+# dependency, so in .venv); the generated pages are committed and installed by pyproject.toml.
+# tests/test_docs.py fails when a page is older than its source.
+MAN_SOURCES := $(wildcard docs/man/*.rst)
+MAN_PAGES   := $(MAN_SOURCES:docs/man/%.rst=man/man1/%.1)
+
+man: $(MAN_PAGES)
+
+man/man1/%.1: docs/man/%.rst | $(STAMP)
+	@mkdir -p $(@D)
+	$(VENV)/bin/rst2man --strict $< $@.tmp
+	@mv $@.tmp $@
 
 clean:
 	rm -rf build dist *.egg-info .mypy_cache .ruff_cache .hypothesis .pytest_cache
