@@ -21,7 +21,7 @@ import unicodedata
 from pathlib import Path
 
 import pytest
-from conftest import REPO, VENV_BIN, scaled
+from harness import REPO, VENV_BIN, scaled
 
 DOC_FILES = sorted([REPO / "README.md", *(REPO / "docs").glob("*.md")])
 MAN_SOURCES = sorted((REPO / "docs" / "man").glob("*.rst"))
