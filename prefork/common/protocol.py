@@ -54,8 +54,6 @@ After the request both directions carry 5-byte *records* ``tag:u8 value:u32be``:
 Unknown tags are ignored by both sides (room for further records).
 """
 
-from __future__ import annotations
-
 import _struct
 
 MAGIC = b"PFI\n"
