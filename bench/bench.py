@@ -49,6 +49,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from prefork.common import paths  # noqa: E402
+from prefork.common.ident import RUNDIR_ENV, compute_ident, lock_path, log_path, socket_path  # noqa: E402
 from prefork.server.autoreload import Autoreload  # noqa: E402
 
 VENV_BIN = REPO / ".venv" / "bin"
@@ -225,7 +226,7 @@ def med_ms(xs: Sequence[float]) -> float:
 def clean_env() -> dict[str, str]:
     """The bench's environment without anything of prefork's."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("PREFORK_INTERP", paths.RUNDIR_ENV, "PREFORK_INTERP_WATCHER")}
+           if k not in ("PREFORK_INTERP", RUNDIR_ENV, "PREFORK_INTERP_WATCHER")}
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PREFORK_INTERP_WATCHER"] = str(VENV_BIN / "prefork-watcher")
     return env
@@ -323,7 +324,7 @@ class Section:
         self.kills.append([client, "--kill", "-U", interp, script])
         if self.uses_c_client:
             base = paths.run_base({})
-            self.idents.append(paths.compute_ident(
+            self.idents.append(compute_ident(
                 base, os.fsencode(interp), os.fsencode(script), [], cwd=self.dir))
 
 
@@ -336,7 +337,7 @@ def section(name: str, uses_c_client: bool = False) -> Iterator[Section]:
     if not uses_c_client:
         rd = os.path.join(d, "r")
         os.mkdir(rd, 0o700)
-        env[paths.RUNDIR_ENV] = rd
+        env[RUNDIR_ENV] = rd
     sec = Section(d, env, uses_c_client)
     old = os.getcwd()
     os.chdir(d)
@@ -351,8 +352,8 @@ def section(name: str, uses_c_client: bool = False) -> Iterator[Section]:
         if uses_c_client:
             base = paths.run_base({})
             for ident in sec.idents:
-                for p in (paths.socket_path(base, ident), paths.lock_path(base, ident),
-                          paths.log_path(base, ident)):
+                for p in (socket_path(base, ident), lock_path(base, ident),
+                          log_path(base, ident)):
                     try:
                         os.unlink(p)
                     except FileNotFoundError:

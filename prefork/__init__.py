@@ -5,8 +5,6 @@ A script opts in with ``#!/usr/bin/prefork-interp -U,python3`` and one call to
 client (the hot path) imports ``prefork.common`` through it.
 """
 
-from __future__ import annotations
-
 __version__ = "0.1.0"
 
 TYPE_CHECKING = False
@@ -14,7 +12,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 
-def initialisation_complete(**kwargs: Any) -> None:
+def initialisation_complete(**kwargs: "Any") -> None:
     """See ``prefork.server.api.initialisation_complete``; its keywords are described and
     checked in ``prefork.server.config.ServerConfig.options``."""
     from prefork.server.api import initialisation_complete as _f
@@ -22,7 +20,7 @@ def initialisation_complete(**kwargs: Any) -> None:
     _f(**kwargs)
 
 
-def autoreload_also_check(*paths: Any) -> None:
+def autoreload_also_check(*paths: "Any") -> None:
     """See ``prefork.server.api.autoreload_also_check``."""
     from prefork.server.api import autoreload_also_check as _f
 

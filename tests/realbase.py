@@ -16,6 +16,7 @@ from harness import kill_processes
 from procfs import socket_holders
 
 from prefork.common import paths
+from prefork.common.ident import RUNDIR_ENV, compute_ident, lock_path, log_path, socket_path
 
 
 class RealBase:
@@ -23,7 +24,7 @@ class RealBase:
 
     def __init__(self) -> None:
         env = dict(os.environ)
-        env.pop(paths.RUNDIR_ENV, None)
+        env.pop(RUNDIR_ENV, None)
         self.base = paths.run_base(env)
         self.idents: set[str] = set()
 
@@ -35,22 +36,22 @@ class RealBase:
     def ident(self, interp: str, script: str | None, cwd: str,
               interp_args: Sequence[str] = ()) -> str:
         """The ident a plain ``-U INTERP SCRIPT`` call from ``cwd`` uses (tracked)."""
-        return self.track(paths.compute_ident(
+        return self.track(compute_ident(
             self.base, os.fsencode(interp), None if script is None else os.fsencode(script),
             [], cwd=cwd, extra=[b"a" + os.fsencode(a) for a in interp_args]))
 
     def sock_path(self, ident: str) -> str:
         """``BASE/s<IDENT>``."""
-        return paths.socket_path(self.base, ident)
+        return socket_path(self.base, ident)
 
     def cleanup(self) -> None:
         """Remove the tracked entries and kill whatever still listens on their sockets."""
         holders: set[int] = set()
         for ident in self.idents:
-            sock = paths.socket_path(self.base, ident)
+            sock = socket_path(self.base, ident)
             holders |= socket_holders(sock)
-            for p in (sock, paths.lock_path(self.base, ident), paths.log_path(self.base, ident),
-                      paths.log_path(self.base, ident) + ".1"):
+            for p in (sock, lock_path(self.base, ident), log_path(self.base, ident),
+                      log_path(self.base, ident) + ".1"):
                 try:
                     os.unlink(p)
                 except FileNotFoundError:

@@ -22,7 +22,7 @@ import pytest
 from harness import C_CLIENT, CLIENT, PYTHON, ProcRegistry, wait_for, write_script
 from realbase import RealBase
 
-from prefork.common import paths
+from prefork.common.ident import RUNDIR_ENV, compute_ident, log_path, socket_path
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -97,12 +97,12 @@ class Client:
         cwd = cwd or self.rundir
         if self.real is not None:
             return self.real.ident(interp, script, cwd)
-        return paths.compute_ident(self.base, os.fsencode(interp), os.fsencode(script), [],
+        return compute_ident(self.base, os.fsencode(interp), os.fsencode(script), [],
                                    cwd=cwd)
 
     def sock_path(self, script: str, interp: str = PY, cwd: str | None = None) -> str:
         """The server socket for ``-U INTERP SCRIPT`` from ``cwd``."""
-        return paths.socket_path(self.base, self.ident(script, interp, cwd))
+        return socket_path(self.base, self.ident(script, interp, cwd))
 
     def run(self, script: str, *args: str | bytes, opts: Sequence[str] = (),
             interp: str = PY, input: bytes | None = None, env: dict[str, str] | None = None,
@@ -255,7 +255,7 @@ def test_server_title_and_log(ours: Client, rundir: str) -> None:
     pid = ours.server_pid(script)
     cmdline = procfs.cmdline(pid)
     assert b"[server]" in cmdline, cmdline
-    log = paths.log_path(rundir, ours.ident(script))
+    log = log_path(rundir, ours.ident(script))
     wait_for(lambda: os.path.exists(log), what=f"{log} to appear")
     with open(log) as f:
         text = f.read()
@@ -404,7 +404,7 @@ def test_both_clients_share_one_server(procs: ProcRegistry, env: dict[str, str],
     """Same script, same cwd: our client (default run base, as the C client's) and the C
     client reach the same server."""
     env_default = dict(env)
-    env_default.pop(paths.RUNDIR_ENV)
+    env_default.pop(RUNDIR_ENV)
     c = Client("c", procs, env_default, rundir, real_base)
     o = Client("ours", procs, env_default, rundir, real_base)
     script = _script(rundir)

@@ -47,6 +47,7 @@ from typer.testing import CliRunner
 
 from prefork import __version__
 from prefork.common import paths
+from prefork.common.ident import RUNDIR_ENV, compute_ident, lock_path, log_path, socket_path
 from prefork.common.locking import lock_file
 from prefork.ctl import actions, discover
 from prefork.ctl.main import app
@@ -139,11 +140,11 @@ class Kind:
 
     @property
     def socket(self) -> str:
-        return paths.socket_path(self.base, self.ident)
+        return socket_path(self.base, self.ident)
 
     @property
     def lock(self) -> str:
-        return paths.lock_path(self.base, self.ident)
+        return lock_path(self.base, self.ident)
 
     def call(self, procs: ProcRegistry, *args: str) -> tuple[int, str]:
         rc, out, err = procs.run([self.script, *args], env=self.env, cwd=self.cwd)
@@ -176,7 +177,7 @@ class CRunDir:
 
 @pytest.fixture
 def c_run_dir() -> Iterator[CRunDir]:
-    env = {k: v for k, v in os.environ.items() if k != paths.RUNDIR_ENV}
+    env = {k: v for k, v in os.environ.items() if k != RUNDIR_ENV}
     crd = CRunDir(paths.run_base(env))
     try:
         yield crd
@@ -185,8 +186,8 @@ def c_run_dir() -> Iterator[CRunDir]:
             for e in discover.scan(crd.base):
                 if e.ident == ident:
                     kill_processes([p.pid for p in e.processes()])
-            for name in (paths.socket_path(crd.base, ident), paths.lock_path(crd.base, ident),
-                         paths.log_path(crd.base, ident), paths.log_path(crd.base, ident) + ".1"):
+            for name in (socket_path(crd.base, ident), lock_path(crd.base, ident),
+                         log_path(crd.base, ident), log_path(crd.base, ident) + ".1"):
                 try:
                     os.unlink(name)
                 except FileNotFoundError:
@@ -209,7 +210,7 @@ def make_kind(client: str, side: str, rundir: str, env: dict[str, str],
     old = os.getcwd()
     os.chdir(rundir)
     try:
-        ident = paths.compute_ident(base, interp.encode(), script.encode(), [])
+        ident = compute_ident(base, interp.encode(), script.encode(), [])
     finally:
         os.chdir(old)
     if crd is not None and client == "c":
@@ -372,9 +373,9 @@ def test_kill_spares_a_reused_pid(rundir: str, procs: ProcRegistry) -> None:
         server = discover.ProcInfo(pid=other.pid, ppid=os.getpid(), role="server",
                                    title="x.py [server]", create_time=create_time, zombie=False)
         entry = discover.Entry(ident="ab" * 20, run_dir=rundir, state=discover.LIVE,
-                               socket_path=paths.socket_path(rundir, "ab" * 20),
-                               lock_path=paths.lock_path(rundir, "ab" * 20),
-                               log_path=paths.log_path(rundir, "ab" * 20), has_socket=False,
+                               socket_path=socket_path(rundir, "ab" * 20),
+                               lock_path=lock_path(rundir, "ab" * 20),
+                               log_path=log_path(rundir, "ab" * 20), has_socket=False,
                                has_lock=False, has_log=False, server=server, script="x.py")
         said: list[str] = []
         result = actions.kill_entries([entry], 5.0, said.append)
@@ -417,8 +418,8 @@ def test_clean_removes_only_stale(rundir: str, env: dict[str, str],
     wait_for(lambda: not alive(gone_server), what="the --kill'ed server to quit")
     # a server being started right now: stale socket, lock held
     starting = "ab" * 20
-    _stale_socket(paths.socket_path(rundir, starting))
-    held = lock_file(paths.lock_path(rundir, starting))
+    _stale_socket(socket_path(rundir, starting))
+    held = lock_file(lock_path(rundir, starting))
     other = Path(rundir, "notes.txt")
     other.write_text("not ours\n")
     try:
@@ -530,7 +531,7 @@ def test_installed_entry_points(rundir: str, procs: ProcRegistry) -> None:
 def test_shell_completion_offers_idents(rundir: str, procs: ProcRegistry) -> None:
     ident = "0123456789abcdef" * 3
     Path(rundir, f"l{ident}").touch()
-    env = {**os.environ, paths.RUNDIR_ENV: rundir, "_PREFORK_CTL_COMPLETE": "complete_bash",
+    env = {**os.environ, RUNDIR_ENV: rundir, "_PREFORK_CTL_COMPLETE": "complete_bash",
            "COMP_WORDS": "prefork-ctl show 0123", "COMP_CWORD": "2"}
     rc, out, err = procs.run([str(CTL)], env=env)
     assert rc == 0 and out.decode().split() == [ident[:12]], (out, err)

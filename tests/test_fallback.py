@@ -23,7 +23,8 @@ import pytest
 from harness import C_CLIENT, CLIENT, PYTHON, ProcRegistry, scaled, write_script
 from realbase import RealBase
 
-from prefork.common import fdio, paths, protocol
+from prefork.common import fdio, protocol
+from prefork.common.ident import RUNDIR_ENV, compute_ident, socket_path
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -58,7 +59,7 @@ def test_c_client_gets_v1_semantics_ours_gets_x1_on_one_server(
     script = write_script(rundir, "where.py", SCRIPT)
     ident = real_base.track("pftest" + secrets.token_hex(16))
     env = dict(env)
-    env.pop(paths.RUNDIR_ENV)  # our client then uses the C client's run base
+    env.pop(RUNDIR_ENV)  # our client then uses the C client's run base
     c_argv = [C_CLIENT, "-g", ident, "-U", PY, script]
     o_argv = [str(CLIENT), "-g", ident, "-U", PY, script]
 
@@ -103,18 +104,18 @@ def test_our_client_drives_the_perl_side_in_v1(procs: ProcRegistry, env: dict[st
         # Any signalling byte but 0 makes the Perl monitor die without a status (the client
         # would then fail with 127): a right answer proves byte 0 and a v1 request.
         assert (rc, out, err) == (5, f"perl got: perl {perl} x y\n".encode(), b"")
-    ident = paths.compute_ident(rundir, b"perl", os.fsencode(perl), [], cwd=rundir)
+    ident = compute_ident(rundir, b"perl", os.fsencode(perl), [], cwd=rundir)
     # The Perl side offers nothing, so there is nothing for our client to accept.
-    assert _greeting_of(paths.socket_path(rundir, ident)) == b"PFI\n\0\0\0\0"
+    assert _greeting_of(socket_path(rundir, ident)) == b"PFI\n\0\0\0\0"
 
 
 def test_our_server_offers_x1(procs: ProcRegistry, env: dict[str, str], rundir: str) -> None:
     script = write_script(rundir, "offer.py", SCRIPT)
     rc, _, err = procs.run([CLIENT, "-U", PY, script], env=env, cwd=rundir)
     assert (rc, err) == (0, b"")
-    ident = paths.compute_ident(rundir, os.fsencode(PY), os.fsencode(script), [], cwd=rundir)
+    ident = compute_ident(rundir, os.fsencode(PY), os.fsencode(script), [], cwd=rundir)
     xdata = protocol.X1_TOKEN + b"\0"
-    assert _greeting_of(paths.socket_path(rundir, ident)) == (
+    assert _greeting_of(socket_path(rundir, ident)) == (
         b"PFI\n" + len(xdata).to_bytes(4, sys.byteorder)
         + xdata)
 
@@ -175,7 +176,7 @@ def test_what_each_client_sends(kind: str, offer: tuple[bytes, ...], procs: Proc
         pytest.fail(f"reference C client {C_CLIENT} missing (apt-get install chiark-utils-bin)")
     ident = real_base.track("pftest" + secrets.token_hex(16))
     base = real_base.base if kind == "c" else rundir
-    peer = RecordingPeer(paths.socket_path(base, ident), offer, 7 << 8)
+    peer = RecordingPeer(socket_path(base, ident), offer, 7 << 8)
     peer.start()
     exe = C_CLIENT if kind == "c" else CLIENT
     env = dict(env, PF_MARK="marked")

@@ -1,5 +1,6 @@
-"""Tests for prefork.common.paths: ident bytes, socket names equal to the C client's, run
-directory choice and checks, and the cleanup of stale entries."""
+"""Tests for prefork.common.ident and prefork.common.paths: ident bytes, socket names equal to
+the C client's, run directory choice and checks (the fast one and the full one), and the
+cleanup of stale entries."""
 
 from __future__ import annotations
 
@@ -18,23 +19,25 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from prefork.common import paths
-from prefork.common.locking import lock_file
-from prefork.common.paths import (
+from prefork.common.ident import (
+    PASSWD_PATH,
     RUNDIR_ENV,
     RunDirError,
-    check_run_dir,
     compute_ident,
+    fast_run_base,
     ident_bytes,
     ident_max_len,
     lock_path,
     log_path,
-    preclean,
-    run_base,
-    run_base_with_reason,
+    passwd_home,
     socket_path,
 )
+from prefork.common.locking import lock_file
+from prefork.common.paths import check_run_dir, preclean, run_base, run_base_with_reason
 
 REPO = Path(__file__).resolve().parents[1]
 C_CLIENT = "/usr/bin/prefork-interp"
@@ -175,6 +178,85 @@ def test_hot_path_imports_stay_low_level() -> None:
     ).stdout.split()
     heavy = {"hashlib", "socket", "pathlib", "pwd", "re", "dataclasses", "typing", "struct"}
     assert heavy.isdisjoint(out)
+
+
+# What the client's warm path may load for the ident, the fast check and fd passing.
+HOT_ALLOWED = {"prefork", "prefork.common", "prefork.common.ident", "prefork.common.consts",
+               "prefork.common.fdio", "_sha2", "_sha256", "_socket"}
+
+HOT_PROBE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+before = set(sys.modules)
+from prefork.common.ident import ident_bytes
+import prefork.common.fdio
+print(" ".join(sorted(set(sys.modules) - before)))
+print(ident_bytes(b"i", None, [("E", b"PF_PROBE"), ("E", b"PF_PROBE_UNSET")], cwd=None).hex())
+"""
+
+
+def test_ident_and_fdio_load_only_low_level_modules_and_read_posix_environ() -> None:
+    """``ident`` and ``fdio`` load nothing but ``posix``-level modules (no ``os``), and with no
+    ``os`` loaded the ident's ``-E`` values come from ``posix.environ``."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PF_PROBE": "from the caller"}
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", HOT_PROBE, str(REPO)], env=env,
+                         check=True, capture_output=True, text=True, timeout=60).stdout
+    modules, ident_hex = out.splitlines()
+    loaded = set(modules.split())
+    assert loaded <= HOT_ALLOWED, f"loaded {sorted(loaded - HOT_ALLOWED)}"
+    assert "prefork.common.ident" in loaded
+    assert bytes.fromhex(ident_hex).endswith(
+        b"EPF_PROBE\0vfrom the caller\0EPF_PROBE_UNSET\0\0ii\0")
+
+
+# --- the ident against a reference encoding written out here --------------------------------
+
+
+def _reference_ident(base: str, interp: bytes, script: bytes | None,
+                     opts: Sequence[tuple[str, bytes]], cwd: str | None,
+                     extra: Sequence[bytes], environb: Mapping[bytes, bytes]) -> str | None:
+    """PROTOCOL.md's ident, spelled out with os and hashlib; None if no ident fits."""
+    uts = b"".join(f[:64].ljust(65, b"\0") for f in
+                   [os.fsencode(x) for x in os.uname()] + [_domainname()])
+    data = b"\x01u" + _u64(390) + b"u" + uts
+    if cwd is not None:
+        data += b"." + _u64(os.stat(cwd).st_dev) + b"i" + _u64(os.stat(cwd).st_ino)
+    data += b"/" + _u64(os.stat("/").st_dev) + b"i" + _u64(os.stat("/").st_ino)
+    for kind, item in opts:
+        data += kind.encode() + item + b"\0"
+        if kind == "E":
+            value = environb.get(item)
+            data += b"\0" if value is None else b"v" + value + b"\0"
+    data += b"i" + interp + b"\0" + (b"" if script is None else b"s" + script + b"\0")
+    data += b"".join(b"X" + x + b"\0" for x in extra)
+    cut = min(64, 108 - len(os.fsencode(base)) - 12)
+    return None if cut < 33 else hashlib.sha256(data).hexdigest()[:cut]
+
+
+_item = st.binary(min_size=1, max_size=40).filter(lambda b: b"\0" not in b)
+
+
+@settings(max_examples=150, deadline=None)
+@given(interp=_item, script=st.none() | _item,
+       opts=st.lists(st.tuples(st.sampled_from(["E", "G"]), _item), max_size=4),
+       extra=st.lists(_item, max_size=3), any_cwd=st.booleans(),
+       env=st.dictionaries(_item.filter(lambda b: b"=" not in b), st.binary(max_size=10)
+                           .filter(lambda b: b"\0" not in b), max_size=3),
+       base_len=st.integers(min_value=1, max_value=70))
+def test_ident_matches_the_reference_encoding(
+        interp: bytes, script: bytes | None, opts: list[tuple[str, bytes]],
+        extra: list[bytes], any_cwd: bool, env: dict[bytes, bytes], base_len: int) -> None:
+    """Same bytes hashed, same cut, for any options; RunDirError when no ident fits."""
+    base = "/" + "b" * base_len
+    cwd = None if any_cwd else "."
+    opts = opts + [("E", name) for name in env]
+    want = _reference_ident(base, interp, script, opts, cwd, extra, env)
+    if want is None:
+        with pytest.raises(RunDirError, match="too long for a socket name"):
+            compute_ident(base, interp, script, opts, cwd=cwd, extra=extra, environb=env)
+    else:
+        assert compute_ident(base, interp, script, opts, cwd=cwd, extra=extra,
+                             environb=env) == want
 
 
 # --- same socket names as the reference C client -------------------------------------------
@@ -330,7 +412,8 @@ ls /run/user/$UID/prefork-interp
 
 OURS = """
 import json
-from prefork.common.paths import compute_ident, run_base_with_reason
+from prefork.common.ident import compute_ident
+from prefork.common.paths import run_base_with_reason
 base, reason = run_base_with_reason({})
 print(json.dumps([base, reason, compute_ident(base, b"/bin/false", b"scr.pl", [])]))
 """
@@ -344,8 +427,15 @@ def test_per_user_run_dir_matches_c_client(short_dir: Path) -> None:
         pytest.skip("no Python >= 3.11 runnable by another uid")
     short_dir.chmod(0o755)
     (short_dir / "scr.pl").write_text("exit 0;\n")
+    # The other uid may not be able to read the checkout (a clone in a 0700 directory):
+    # give it a copy of the package, readable by all.
+    pkg_root = short_dir / "pkg"
+    shutil.copytree(REPO / "prefork", pkg_root / "prefork",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for p in [pkg_root, *pkg_root.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "UID": str(UID), "CWD": str(short_dir),
-           "PY": py, "REAPER": REAPER, "C_CLIENT": C_CLIENT, "REPO": str(REPO), "OURS": OURS}
+           "PY": py, "REAPER": REAPER, "C_CLIENT": C_CLIENT, "REPO": str(pkg_root), "OURS": OURS}
     proc = subprocess.run(["unshare", "-m", "sh", "-c", NS_SCRIPT], env=env, capture_output=True,
                           text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
@@ -355,6 +445,40 @@ def test_per_user_run_dir_matches_c_client(short_dir: Path) -> None:
     assert reason is None
     assert len(ident) == 62
     assert set(lines[1:]) == {"s" + ident, "l" + ident}
+
+
+@needs_c_client
+@needs_namespace
+def test_per_user_run_dir_test_passes_from_a_private_clone() -> None:
+    """Run the test above from a clone in a 0700 directory (where the other uid cannot read
+    the checkout), with the clone's own package on PYTHONPATH and this venv's Python."""
+    if _python_for_other_users() is None:
+        pytest.skip("no Python >= 3.11 runnable by another uid")
+    if not (REPO / ".git").exists() or not shutil.which("git"):
+        pytest.skip("not a git checkout, or no git")
+    private = Path(tempfile.mkdtemp(prefix="pfclone", dir="/tmp"))  # mode 0700
+    try:
+        clone = private / "repo"
+        git = ["git", "-c", "safe.directory=*"]
+        subprocess.run([*git, "clone", "-q", str(REPO), str(clone)], check=True,
+                       capture_output=True, timeout=120)
+        # The working tree's uncommitted files too, so that a run tests what is here.
+        files = subprocess.run([*git, "-C", str(REPO), "ls-files", "-z", "--cached", "--others",
+                                "--exclude-standard"], check=True, capture_output=True,
+                               timeout=60).stdout.decode().split("\0")
+        for name in filter(None, files):
+            if (REPO / name).is_file():
+                (clone / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(REPO / name, clone / name)
+        assert stat.S_IMODE(private.stat().st_mode) == 0o700
+        env = {**os.environ, "PYTHONPATH": str(clone), "PYTHONDONTWRITEBYTECODE": "1"}
+        test = "tests/test_paths.py::test_per_user_run_dir_matches_c_client"
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs", test],
+            cwd=clone, env=env, capture_output=True, text=True, timeout=120, check=False)
+        assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout + proc.stderr
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
 
 
 FALLBACK_SCRIPT = """
@@ -489,6 +613,81 @@ def test_default_uses_password_database_home_not_home_env(
 
 def test_home_dir_from_passwd_file_matches_pwd() -> None:
     assert paths._home_dir(os.getuid()) == pwd.getpwuid(os.getuid()).pw_dir
+
+
+def test_passwd_home_skips_nis_compat_lines() -> None:
+    """As glibc's ``getpwuid``: ``+``/``-`` lines are nobody's entry, even with our uid in
+    them, and the search goes on past them to the user's own line."""
+    passwd = (b"root:x:0:0:root:/root:/bin/bash\n"
+              b"+::::::\n"
+              b"+@staff::::::\n"
+              b"-blocked:x:1000:1000::/blocked:/bin/sh\n"
+              b"+nisuser:x:1000:1000::/from/nis:/bin/sh\n"
+              b"broken:line\n"
+              b"me:x:1000:1000:Me:/home/me:/bin/sh\n"
+              b"again:x:1000:1000::/home/again:/bin/sh\n")
+    assert passwd_home(passwd, 1000) == "/home/me"
+    assert passwd_home(passwd, 0) == "/root"
+    assert passwd_home(passwd, 4242) is None
+    assert passwd_home(b"+::::::\n-:x:7:7::/x:/bin/sh\n", 7) is None
+    assert passwd_home(b"", 0) is None
+
+
+def test_passwd_home_of_this_system_matches_getpwuid() -> None:
+    uid = os.getuid()
+    home = passwd_home(Path(PASSWD_PATH).read_bytes(), uid)
+    assert home in (None, pwd.getpwuid(uid).pw_dir)  # None: an NSS user, left to pwd
+
+
+# --- the fast check the client uses: the full one's answer, or none -------------------------
+
+
+def _environb(env: Mapping[str, str]) -> dict[bytes, bytes]:
+    return {os.fsencode(k): os.fsencode(v) for k, v in env.items()}
+
+
+def test_fast_run_base_override_agrees(tmp_path: Path) -> None:
+    """An existing private override directory: both give it (trailing slashes dropped)."""
+    rundir = tmp_path / "run"
+    rundir.mkdir(mode=0o700)
+    for value in (str(rundir), f"{rundir}/", f"{rundir}//"):
+        env = {RUNDIR_ENV: value}
+        assert fast_run_base(_environb(env)) == run_base(env) == str(rundir)
+
+
+def test_fast_run_base_declines_what_paths_must_handle(tmp_path: Path) -> None:
+    """Anything but an existing private directory: the fast check declines (paths then
+    creates the directory or words the refusal), never answers differently."""
+    missing = str(tmp_path / "new" / "dir")
+    assert fast_run_base(_environb({RUNDIR_ENV: missing})) is None
+    assert run_base({RUNDIR_ENV: missing}) == missing  # created by paths
+    assert fast_run_base(_environb({RUNDIR_ENV: missing})) == missing
+
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o755)
+    assert fast_run_base(_environb({RUNDIR_ENV: str(open_dir)})) is None
+    with pytest.raises(RunDirError, match="group/other"):
+        run_base({RUNDIR_ENV: str(open_dir)})
+
+    link = tmp_path / "link"
+    link.symlink_to(missing)
+    assert fast_run_base(_environb({RUNDIR_ENV: str(link)})) is None
+    with pytest.raises(RunDirError, match="symlink"):
+        run_base({RUNDIR_ENV: str(link)})
+
+    assert fast_run_base(_environb({RUNDIR_ENV: "relative/dir"})) is None
+    with pytest.raises(RunDirError, match="absolute"):
+        run_base({RUNDIR_ENV: "relative/dir"})
+
+
+def test_fast_run_base_default_agrees() -> None:
+    """No override: the per-user base (as the C client computes it); it exists once
+    paths.run_base has made it, and then the fast check gives the same answer."""
+    want = run_base({})
+    assert fast_run_base({}) == want
+    st_ = os.lstat(want)
+    assert stat.S_ISDIR(st_.st_mode) and st_.st_mode & 0o077 == 0
 
 
 # --- preclean ------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import pytest
 from harness import C_CLIENT, CLIENT, PYTHON, REPO, VENV_BIN, ProcRegistry, scaled, write_script
 
 from prefork.common import paths
+from prefork.common.ident import RUNDIR_ENV, lock_path, log_path, socket_path
 from prefork.server import runner
 
 SERVER = VENV_BIN / "prefork-server"
@@ -315,7 +316,7 @@ def test_reference_c_client(rundir: str, env: dict[str, str], procs: ProcRegistr
     if not os.access(C_CLIENT, os.X_OK):
         pytest.skip("the reference client is not installed (make deps)")
     cenv = dict(env)
-    cenv.pop(paths.RUNDIR_ENV, None)
+    cenv.pop(RUNDIR_ENV, None)
     base = paths.run_base(cenv)
     ident = "runner" + uuid.uuid4().hex
     # In the run dir: the fixture's teardown finds a straggling server by its command line.
@@ -325,11 +326,11 @@ def test_reference_c_client(rundir: str, env: dict[str, str], procs: ProcRegistr
             same(procs, [PYTHON, script, *args],
                  [C_CLIENT, "-g", ident, "-U", "prefork-server", script, *args], cenv,
                  input=b"in", cwd=rundir)
-        assert os.path.exists(paths.socket_path(base, ident))
+        assert os.path.exists(socket_path(base, ident))
     finally:
         procs.run([C_CLIENT, "-g", ident, "--kill", "-U", "prefork-server"], env=cenv)
-        for p in (paths.socket_path(base, ident), paths.lock_path(base, ident),
-                  paths.log_path(base, ident)):
+        for p in (socket_path(base, ident), lock_path(base, ident),
+                  log_path(base, ident)):
             try:
                 os.unlink(p)
             except FileNotFoundError:

@@ -3,7 +3,9 @@
 Mirrors the reference: clean stale entries, lock ``l<IDENT>``, try to connect again, else
 bind a fresh socket, spawn the watcher (fds 0/1/2 on its two pipes), make the first call's
 socketpair and spawn setup (the interpreter running the script with ``PREFORK_INTERP``), wait
-for setup to exit, read the greeting on the socketpair, release the lock.
+for setup to exit, read the greeting on the socketpair, release the lock.  A start that fails
+leaves nothing behind: one ``ExitStack`` unlinks the socket and closes our fds unless the
+server greeted us.
 """
 
 from __future__ import annotations
@@ -14,14 +16,27 @@ import os
 import select
 import sys
 import time
+from contextlib import ExitStack, contextmanager
 
-from prefork.client.main import ClientError, Options, _caller_env, _greeting, try_connect
+from prefork.client.wire import (
+    ClientError,
+    Connection,
+    ScriptEnded,
+    caller_env,
+    read_greeting,
+    try_connect,
+)
 from prefork.common import envspec, locking, paths
+from prefork.common.consts import SUN_PATH_MAX
+from prefork.common.ident import RUNDIR_ENV, lock_path, socket_path
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 SETUP_TIMEOUT_ENV = "PREFORK_INTERP_SETUP_TIMEOUT"
 WATCHER_ENV = "PREFORK_INTERP_WATCHER"
 DEFAULT_SETUP_TIMEOUT = 120.0
-_SUN_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path) on Linux
 #: Every signal back at its default in what we spawn: those Python ignores at start-up,
 #: and those our caller ignores (a server must not pass one caller's ignored signals on to
 #: every later call: executors take each call's own from its client).
@@ -65,33 +80,43 @@ def _watcher_cmd(sock_path: str) -> list[str]:
     return [exe, "--daemon", sock_path]
 
 
-def connect_or_start(opts: Options, base: str, ident: str, sock_path: str
-                     ) -> tuple[_socket.socket, frozenset[bytes]]:
-    """Under the lock: connect to a server that appeared meanwhile, or start one.
+def kill_server(base: str, ident: str) -> None:
+    """``--kill``: under the lock, remove the socket and the lock file (the watcher then stops
+    the server, which finishes the calls it has)."""
+    with _locked_entry(base, ident) as sock_path:
+        for path in (sock_path, lock_path(base, ident)):
+            _unlink_quietly(path)
 
-    With ``--kill``: remove the socket and the lock (the watcher then stops the server) and
-    exit 0.
+
+def connect_or_start(base: str, ident: str, setup_argv: list[str], *, force: bool
+                     ) -> Connection:
+    """Under the lock: connect to a server that appeared meanwhile (unless ``force``), or
+    start one running ``setup_argv``.
+
+    Raises ``ScriptEnded`` when the script ended before it became a server (its own message
+    is on the caller's stderr already; ours says what it means).
     """
-    size = len(os.fsencode(sock_path))
-    if size > _SUN_PATH_MAX:  # e.g. a long -g IDENT; say so before touching any file
-        raise ClientError(f"socket path {sock_path} is too long for an AF_UNIX address "
-                          f"({size} bytes; at most {_SUN_PATH_MAX})")
-    paths.preclean(base)
-    lock_path = paths.lock_path(base, ident)
-    lock_fd = locking.lock_file(lock_path)
-    try:
-        if opts.kill:
-            for p in (sock_path, lock_path):
-                try:
-                    os.unlink(p)
-                except FileNotFoundError:
-                    pass
-            os._exit(0)
-        if not opts.force:
+    with _locked_entry(base, ident) as sock_path:
+        if not force:
             conn = try_connect(sock_path)
             if conn is not None:
                 return conn
-        return _start(opts, sock_path)
+        return _start(setup_argv, sock_path)
+
+
+@contextmanager
+def _locked_entry(base: str, ident: str) -> Iterator[str]:
+    """Check that the socket path fits, clean stale entries, and hold the entry's lock;
+    yields the socket path."""
+    sock_path = socket_path(base, ident)
+    size = len(os.fsencode(sock_path))
+    if size > SUN_PATH_MAX:  # e.g. a long -g IDENT; say so before touching any file
+        raise ClientError(f"socket path {sock_path} is too long for an AF_UNIX address "
+                          f"({size} bytes; at most {SUN_PATH_MAX})")
+    paths.preclean(base)
+    lock_fd = locking.lock_file(lock_path(base, ident))
+    try:
+        yield sock_path
     finally:
         os.close(lock_fd)
 
@@ -164,7 +189,7 @@ def _wait_readable(fd: int, deadline: float) -> bool:
 def _warn_fallback(sock_path: str) -> None:
     """Say so when the per-user run directory was refused and the home directory is used
     instead (once per server start: warm calls stay silent)."""
-    if os.environ.get(paths.RUNDIR_ENV):
+    if os.environ.get(RUNDIR_ENV):
         return
     base, reason = paths.run_base_with_reason()
     if reason is not None and sock_path.startswith(base + "/"):
@@ -175,88 +200,70 @@ def _warn_fallback(sock_path: str) -> None:
             pass
 
 
-def _start(opts: Options, sock_path: str) -> tuple[_socket.socket, frozenset[bytes]]:
+def _start(setup_argv: list[str], sock_path: str) -> Connection:
+    """Bind the socket, spawn the watcher and setup, wait for setup and the greeting."""
     timeout = _setup_timeout()
     _warn_fallback(sock_path)
-    listen_sock, birth_ns = _bind(sock_path)
-    passed: list[int] = []
-    call_client = None
-    try:
-        watch_in_w, watch_err_r = _spawn_watcher(sock_path)
-        passed += [watch_in_w, watch_err_r]
+    with ExitStack() as undo:  # a start that fails leaves nothing behind
+        listen_sock, birth_ns = _bind(sock_path)
+        undo.callback(_unlink_quietly, sock_path)
         call_client, call_server = _socket.socketpair(
             _socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
-        listen_fd = listen_sock.fileno()
-        call_fd = call_server.detach()
-        passed += [call_fd]
-        os.set_blocking(listen_fd, False)
-        os.set_blocking(watch_err_r, False)
-        fds = (listen_fd, call_fd, watch_in_w, watch_err_r)
-        for fd in fds:
-            os.set_inheritable(fd, True)
-        # The caller's environment exactly (not os.environ: the client's own start-up may
-        # have changed it, e.g. LC_CTYPE from C-locale coercion), plus PREFORK_INTERP.
-        env = dict(e.split(b"=", 1) for e in _caller_env())
-        env[envspec.ENV_NAME.encode()] = envspec.build(
-            birth_ns // 1_000_000_000, birth_ns % 1_000_000_000, *fds).encode()
-        argv = [opts.interp, *opts.interp_args]
-        if opts.script is not None:
-            argv.append(opts.script)
-        argv += opts.args
-        try:
-            pid = os.posix_spawnp(opts.interp, argv, env, file_actions=[
-                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_DUP2, 2, 1),
-                *_close_strays(fds),
-            ], setsigdef=_RESET)
-        except OSError as e:
-            raise ClientError(f"execute {opts.interp}: {e.strerror}") from None
-        for fd in passed:
-            os.close(fd)
-        passed = []
-        listen_sock.close()
+        undo.callback(call_client.close)
+        with ExitStack() as server_ends:  # the server's copies: ours go once it is spawned
+            server_ends.callback(listen_sock.close)
+            server_ends.callback(call_server.close)
+            watch_in_w, watch_err_r = _spawn_watcher(sock_path)
+            server_ends.callback(os.close, watch_in_w)
+            server_ends.callback(os.close, watch_err_r)
+            pid = _spawn_setup(setup_argv, birth_ns, (
+                listen_sock.fileno(), call_server.fileno(), watch_in_w, watch_err_r))
         deadline = time.monotonic() + timeout
-        try:
-            status = _wait_setup(pid, deadline, timeout)
-        except ClientError:
-            _unlink_quietly(sock_path)
-            raise
+        status = _wait_setup(pid, deadline, timeout)
         if status != 0:
-            _unlink_quietly(sock_path)
             if os.WIFEXITED(status) or os.WIFSIGNALED(status):
-                from prefork.client.main import propagate
-
                 # The script's own traceback is already on the caller's stderr: say what it
-                # means, then exit as the script did.
+                # means; the client then exits as the script did.
                 try:
                     os.write(2, f"prefork-interp: setup failed: the script ended "
                                 f"({_describe(status)}) before prefork.initialisation_complete() "
                                 f"made it a server\n".encode())
                 except OSError:
                     pass
-                propagate(status)
+                raise ScriptEnded(status)
             raise ClientError(f"setup failed ({_describe(status)})")
         if not _wait_readable(call_client.fileno(), deadline):
-            _unlink_quietly(sock_path)
             raise ClientError(f"setup timed out: no greeting from the server within "
                               f"{timeout:g}s (set {SETUP_TIMEOUT_ENV} to wait longer)")
-        offer = _greeting(call_client)
+        offer = read_greeting(call_client)
         if offer is None:
-            _unlink_quietly(sock_path)
             raise ClientError("setup failed: initial monitor process quit (maybe the script "
                               "didn't call prefork.initialisation_complete()?)")
-        result = call_client
-        call_client = None
-        return result, offer
-    except ClientError:
-        _unlink_quietly(sock_path)  # e.g. the interpreter or watcher could not be spawned
-        raise
-    finally:
-        for fd in passed:
-            os.close(fd)
-        if call_client is not None:
-            call_client.close()
-        listen_sock.close()
+        undo.pop_all()  # started: the socket is the server's, the connection the caller's
+        return call_client, offer
+
+
+def _spawn_setup(argv: list[str], birth_ns: int, fds: tuple[int, int, int, int]) -> int:
+    """Spawn setup: ``argv`` with ``PREFORK_INTERP`` naming ``fds`` (LISTEN, CALL, WATCHI,
+    WATCHE), made inheritable here; stdin /dev/null, stdout on our stderr."""
+    listen_fd, _, _, watch_err_r = fds
+    os.set_blocking(listen_fd, False)
+    os.set_blocking(watch_err_r, False)
+    for fd in fds:
+        os.set_inheritable(fd, True)
+    # The caller's environment exactly (not os.environ: the client's own start-up may
+    # have changed it, e.g. LC_CTYPE from C-locale coercion), plus PREFORK_INTERP.
+    env = dict(e.split(b"=", 1) for e in caller_env())
+    env[envspec.ENV_NAME.encode()] = envspec.build(
+        birth_ns // 1_000_000_000, birth_ns % 1_000_000_000, *fds).encode()
+    try:
+        return os.posix_spawnp(argv[0], argv, env, file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, 2, 1),
+            *_close_strays(fds),
+        ], setsigdef=_RESET)
+    except OSError as e:
+        raise ClientError(f"execute {argv[0]}: {e.strerror}") from None
 
 
 def _unlink_quietly(path: str) -> None:

@@ -4,8 +4,6 @@ Each constant here was once written out in several files; a role that needs one 
 from here rather than repeating the number.
 """
 
-from __future__ import annotations
-
 import _signal
 
 #: Exit status when prefork-interp itself (client, setup, or a server that cannot serve)

@@ -1,14 +1,13 @@
 """Small socket I/O helpers: read exactly N bytes, send and receive fds.
 
 Works on ``_socket.socket`` (the client avoids importing ``socket``) and ``socket.socket``.
+The client uses it on every call, so it imports only ``_socket``, ``posix`` and ``sys``.
 Received fds are close-on-exec (``MSG_CMSG_CLOEXEC``); a truncated control message is an error
 and every fd that did arrive is closed, like ``multiprocessing.reduction.recvfds``.
 """
 
-from __future__ import annotations
-
 import _socket
-import os
+import posix
 import sys
 
 TYPE_CHECKING = False
@@ -32,7 +31,7 @@ def read_exactly(sock: _socket.socket, n: int) -> bytes:
     return b"".join(chunks)
 
 
-def send_fds(sock: _socket.socket, data: bytes, fds: Sequence[int]) -> None:
+def send_fds(sock: _socket.socket, data: bytes, fds: "Sequence[int]") -> None:
     """Send ``data`` (at least one byte) carrying ``fds`` by SCM_RIGHTS."""
     anc = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
             b"".join(fd.to_bytes(_FD_SIZE, _ORDER) for fd in fds))]
@@ -57,6 +56,6 @@ def recv_with_fds(sock: _socket.socket, bufsize: int, maxfds: int) -> tuple[byte
                        for i in range(0, usable, _FD_SIZE))
     if flags & _socket.MSG_CTRUNC:
         for fd in fds:
-            os.close(fd)
+            posix.close(fd)
         raise ValueError(f"too many fds in one message (more than {maxfds})")
     return data, fds

@@ -69,8 +69,6 @@ one it has: the server's at its fork, which was this call's); 4 = ``umask`` is s
 bits are refused.  EOF where the head would be: the server lets the spare go.
 """
 
-from __future__ import annotations
-
 import _struct
 
 MAGIC = b"PFI\n"

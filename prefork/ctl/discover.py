@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, replace
 import psutil
 
 from prefork.common import paths
+from prefork.common.ident import lock_path, log_path, socket_path
 from prefork.ctl import kernel
 
 TYPE_CHECKING = False
@@ -257,9 +258,9 @@ def _ident_of(name: str, *, socket_only: bool = False) -> str | None:
 
 def _entries_for(ctx: _Scan, ident: str) -> list[Entry]:
     """The entry (or entries: a live server and older draining ones) of one ident."""
-    sock = paths.socket_path(ctx.run_dir, ident)
-    lock = paths.lock_path(ctx.run_dir, ident)
-    log = paths.log_path(ctx.run_dir, ident)
+    sock = socket_path(ctx.run_dir, ident)
+    lock = lock_path(ctx.run_dir, ident)
+    log = log_path(ctx.run_dir, ident)
     try:
         st: os.stat_result | None = os.lstat(sock)
     except OSError:

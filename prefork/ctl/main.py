@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 
 from prefork import __version__
-from prefork.common import paths
+from prefork.common.ident import RunDirError
 from prefork.ctl import actions, discover, render
 
 TYPE_CHECKING = False
@@ -69,7 +69,7 @@ def _complete_target(incomplete: str) -> list[str]:
     """Shell completion for IDENT|SCRIPT: idents and script names of the default run dir."""
     try:
         entries = discover.scan(discover.resolve_run_dir(None))
-    except (paths.RunDirError, OSError):
+    except (RunDirError, OSError):
         return []
     words = {e.ident[:12] for e in entries}
     words |= {os.path.basename(e.script) for e in entries if e.script}
@@ -132,7 +132,7 @@ def _scan(run_dir: str | None, *, detail: bool = False) -> tuple[str, list[Entry
     """The run directory and its entries; errors become a message and exit status 1."""
     try:
         base = discover.resolve_run_dir(run_dir)
-    except paths.RunDirError as e:
+    except RunDirError as e:
         raise _fail(str(e)) from None
     progress = _LazyProgress()
     try:
@@ -245,7 +245,7 @@ def clean(run_dir: RunDirOpt = None) -> None:
     """
     try:
         base = discover.resolve_run_dir(run_dir)
-    except paths.RunDirError as e:
+    except RunDirError as e:
         raise _fail(str(e)) from None
     removed = actions.clean(base, typer.echo)
     if not removed:
