@@ -15,14 +15,18 @@ from prefork.server.runner.wrap import make_wrapper
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
+    import types
 
 #: Options that take a value (the first word that is neither these nor an option is SCRIPT).
 _VALUE_OPTIONS = frozenset({"--preload", "--reload-also", "--wrap", "--client"})
 
 
 def serve(script: Script, opts: argparse.Namespace) -> None:
-    """Setup under prefork-interp: preload, become the server; returns in each executor."""
+    """Setup under prefork-interp: preload, become the server; in each executor, run the
+    call and end it (3.12+: the fast exit, from here; 3.11: returns, for the interpreter's
+    own shutdown)."""
     import prefork
+    from prefork.server import fastexit
 
     module = enter(script, opts.args)
     capture = Capture()
@@ -37,9 +41,27 @@ def serve(script: Script, opts: argparse.Namespace) -> None:
                 capture.rewind(mark)
     finally:
         captured = capture.finish()
+    # This frame ends every executor itself (fastexit.finish below): no sys.monitoring
+    # event is armed, so the script's code runs at direct speed (3.12+).
+    fastexit.caller_exits()
     prefork.initialisation_complete(
         autoreload_extra=[*script.reload_paths(), *opts.reload_also])
-    # In the executor: sys.argv is [SCRIPT as the client gave it, *ARGS].
+    # In the executor.
+    if not fastexit.AVAILABLE:
+        _call(script, module, captured)  # ends with the interpreter's own shutdown
+        return
+    try:
+        _call(script, module, captured)
+    except RunnerError as e:
+        sys.stderr.write(f"{e}\n")
+        fastexit.finish(e.status, None)
+    except BaseException as e:  # noqa: BLE001 - ended here as the interpreter ends a script
+        fastexit.finish(None, e)
+    fastexit.finish(0, None)
+
+
+def _call(script: Script, module: types.ModuleType, captured: dict[int, bytes]) -> None:
+    """One call, in its executor: sys.argv is [SCRIPT as the client gave it, *ARGS]."""
     if sys.argv and os.path.abspath(sys.argv[0]) != os.path.abspath(script.given):
         raise RunnerError(f"{sys.argv[0]} is not the script this server was started for "
                           f"({script.given}): give an absolute path when using --any-cwd",
