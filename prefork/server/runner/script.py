@@ -33,7 +33,6 @@ class RunnerError(Exception):
         self.status = status
 
 
-
 class Script:
     """The file to run, as a direct ``python SCRIPT`` would see it."""
 
