@@ -12,6 +12,8 @@ that machine noise hits both sides; medians of many repetitions.  Sections:
 (e) per-call time for servers holding 10, 100 and 300 MiB of small Python objects
 (f) 8 parallel loops x 50 calls, our server vs the Perl server (C client); 1/2/4/8 loops
 (g) ``Autoreload.stale()`` with 2,000 files, in-process (inotify, and stat-only for contrast)
+(h) an exception-heavy loop timed inside the script: direct vs warm (prefork-server, and a
+    script calling initialisation_complete())
 
 Each section works in its own short directory under /tmp (scripts, cwd, run directory) and
 stops its servers at the end (``--kill``), then checks that no process referring to that
@@ -539,6 +541,63 @@ def bench_heavy(res: Results, reps: int, cold_reps: int) -> None:
             "(info)")
 
 
+EXC_LOOP_PY = """\
+import sys, time
+def f3(i):
+    raise ValueError(i)
+def f2(i):
+    return f3(i)
+def f1(i):
+    try:
+        return f2(i)
+    except ValueError:
+        return 0
+def loop(n):
+    for i in range(n):
+        f1(i)
+t0 = time.perf_counter()
+loop(int(sys.argv[1]))
+print(time.perf_counter() - t0)
+"""
+EXC_LOOPS = 100_000
+
+
+def bench_exceptions(res: Results, reps: int) -> None:
+    """(h): the script's own code once it runs: an exception-heavy loop (raise through three
+    frames, catch), timed inside the script, direct vs warm (the fast exit must cost nothing
+    per exception)."""
+    with section("h") as sec:
+        plain = write_script(sec.dir, "exc.py", PYTHON, EXC_LOOP_PY)
+        api = write_script(sec.dir, "exc_api.py", f"{CLIENT} -U,{PYTHON}",
+                           "import prefork\nprefork.initialisation_complete()\n" + EXC_LOOP_PY)
+        sec.server(CLIENT, "prefork-server", plain)
+        sec.server(CLIENT, PYTHON, api)
+        n = str(EXC_LOOPS)
+        argvs = {"direct": [PYTHON, plain, n],
+                 "runner": [CLIENT, "-U", "prefork-server", plain, n],
+                 "api": [CLIENT, "-U", PYTHON, api, n]}
+        times: dict[str, list[float]] = {k: [] for k in argvs}
+        rng = random.Random(2)
+        for _ in range(2):  # warm-up: start the servers
+            for argv in argvs.values():
+                output_of(argv, sec.env)
+        for _ in range(reps):
+            names = list(argvs)
+            rng.shuffle(names)
+            for k in names:
+                times[k].append(float(output_of(argvs[k], sec.env)))
+    d = med_ms(times["direct"])
+    r = med_ms(times["runner"])
+    a = med_ms(times["api"])
+    res.facts.update(exc_direct=d, exc_runner=r, exc_api=a)
+    s = f"(h) exception-heavy loop ({EXC_LOOPS} raises through 3 frames), timed in the script"
+    res.add(s, "direct: python exc.py", f"{d:.1f} ms")
+    res.add(s, "warm through prefork-server", f"{r:.1f} ms", f"{r / d:.2f}x", "<= 1.05x",
+            verdict(r / d <= 1.05))
+    res.add(s, "warm, script calling initialisation_complete()", f"{a:.1f} ms",
+            f"{a / d:.2f}x", "(info)")
+
+
 def bench_heap(res: Results, reps: int) -> None:
     """(e): per-call time against the server's heap size."""
     with section("e") as sec:
@@ -896,7 +955,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="few repetitions (a smoke test)")
     ap.add_argument("--no-write", action="store_true", help="do not write docs/")
-    ap.add_argument("--only", default="abcefg", help="sections to run (default all: abcefg; "
+    ap.add_argument("--only", default="abcefgh", help="sections to run (default all: abcefgh; "
                     "c includes d)")
     ns = ap.parse_args()
     for p in (PYTHON, CLIENT, C_CLIENT, PERL):
@@ -914,6 +973,7 @@ def main() -> int:
         ("e", lambda: bench_heap(res, 5 if q else 60)),
         ("f", lambda: bench_concurrency(res, 1 if q else 3)),
         ("g", lambda: bench_autoreload(res, 200 if q else 5000)),
+        ("h", lambda: bench_exceptions(res, 5 if q else 21)),
     ]
     for name, step in steps:
         if name not in ns.only:

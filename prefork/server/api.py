@@ -154,7 +154,7 @@ def _warn_threads(log: ServerLog) -> None:
                           if t is not threading.current_thread())
         log.warning(f"{threading.active_count()} threads alive at fork: only the calling "
                     f"thread exists in the server and its executors (others: {names}; see "
-                    "README)")
+                    "docs/transparency.md)")
 
 
 def _daemonise() -> None:

@@ -24,6 +24,19 @@ Objects the server created before the fork are not finalized (that is the point)
 exception unwinding the deepest frame at the recursion limit is replaced by a new
 ``RecursionError`` (the unwind callback needs one more frame).  Both are documented.
 
+Who calls ``finish()``:
+
+- the prefork-server runner, which runs the script inside its own ``try`` and says so
+  with ``caller_exits()`` before ``initialisation_complete()``: no event is armed at all,
+  the script's code runs at direct speed (an exception costs what it costs directly);
+- otherwise ``install()``'s callbacks, for a script that called ``initialisation_complete()``
+  itself: its ``<module>`` frame is the outermost, and nothing of ours is below it.  Its
+  return is a local event on that one code object (free); its unwinding by an exception is
+  only seen through the global ``PY_UNWIND`` event, which calls back on every frame any
+  exception unwinds (``RAISE``, ``PY_UNWIND``, ``RERAISE``, ``EXCEPTION_HANDLED`` cannot be
+  set on one code object, and after the frame has gone a ``SystemExit``'s status is known
+  only to C): an exception-heavy loop pays for it (``make bench``, section (h)).
+
 On Python 3.11 (no ``sys.monitoring``) the executor ends with the normal shutdown, after
 unfreezing the heap so that the final collection finds the cycles the server made
 (``full_teardown_at_exit``).
@@ -56,10 +69,31 @@ def _outermost_code() -> CodeType:
     return frame.f_code
 
 
+#: Set by ``caller_exits()``: the process ends each executor itself with ``finish()``.
+_caller_exits = False
+
+
+def caller_exits() -> None:
+    """Say, before ``initialisation_complete()``, that this process ends every executor
+    itself by calling ``finish()`` from a frame below the script's code (the prefork-server
+    runner, which runs the script inside its own ``try``): ``install()`` then arms no
+    ``sys.monitoring`` event at all, and the script's code runs at direct speed.
+
+    Without it, ``install()`` must find the end of the outermost frame, the script's own:
+    its return is a local event on that one code object (free), but its unwinding by an
+    exception is only seen through the global ``PY_UNWIND`` event (``RAISE``,
+    ``PY_UNWIND``, ``RERAISE`` and ``EXCEPTION_HANDLED`` cannot be set on one code object),
+    which calls back on every frame any exception unwinds."""
+    global _caller_exits
+    _caller_exits = True
+
+
 def install() -> bool:
     """Arrange the fast exit in this (executor) process; False if not possible here."""
     if not AVAILABLE:
         return False
+    if _caller_exits:
+        return True
     mon = sys.monitoring  # type: ignore[attr-defined,unused-ignore]
     tool = None
     for candidate in _TOOL_IDS:

@@ -554,7 +554,7 @@ class Server:
             if threading is not None and threading.active_count() > 1:
                 self.threads_warned = True
                 self.log.warning(f"{threading.active_count()} threads alive at fork: only the "
-                                 "calling thread exists in executors (see README)")
+                                 "calling thread exists in executors (see docs/transparency.md)")
         sys.stdout.flush()
         sys.stderr.flush()
         server_end, spare_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -1,5 +1,5 @@
-"""Differences from a direct run that remain, each pinned as documented in the README's
-"Differences from a direct run" (README.md).  If one of these tests fails,
+"""Differences from a direct run that remain, each pinned as documented in
+docs/transparency.md ("What remains different, and why").  If one of these tests fails,
 the behaviour changed: update the documentation with it."""
 
 from __future__ import annotations

@@ -1,0 +1,184 @@
+"""The ``prefork-server`` command line: options, the modes (``--wrap``, ``--explain``, setup
+under prefork-interp, a direct run by hand) and their exit statuses."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from prefork.common.consts import EXIT_FAILED
+from prefork.server.runner.explain import explain
+from prefork.server.runner.preload import Capture, plan_preload, preload_one, replay
+from prefork.server.runner.script import PROG, RunnerError, Script, enter, run
+from prefork.server.runner.wrap import make_wrapper
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    import types
+
+#: Options that take a value (the first word that is neither these nor an option is SCRIPT).
+_VALUE_OPTIONS = frozenset({"--preload", "--reload-also", "--wrap", "--client"})
+
+
+def serve(script: Script, opts: argparse.Namespace) -> None:
+    """Setup under prefork-interp: preload, become the server; in each executor, run the
+    call and end it (3.12+: the fast exit, from here; 3.11: returns, for the interpreter's
+    own shutdown)."""
+    import prefork
+    from prefork.server import fastexit
+
+    module = enter(script, opts.args)
+    capture = Capture()
+    try:
+        try:
+            script.compile()
+        except (SyntaxError, ValueError):
+            pass  # raised again, and reported, when the script runs
+        for found in plan_preload(script, opts.preload, not opts.no_preload):
+            mark = capture.mark()
+            if preload_one(found).error is not None:
+                capture.rewind(mark)
+    finally:
+        captured = capture.finish()
+    # This frame ends every executor itself (fastexit.finish below): no sys.monitoring
+    # event is armed, so the script's code runs at direct speed (3.12+).
+    fastexit.caller_exits()
+    prefork.initialisation_complete(
+        autoreload_extra=[*script.reload_paths(), *opts.reload_also])
+    # In the executor.
+    if not fastexit.AVAILABLE:
+        _call(script, module, captured)  # ends with the interpreter's own shutdown
+        return
+    try:
+        _call(script, module, captured)
+    except RunnerError as e:
+        sys.stderr.write(f"{e}\n")
+        fastexit.finish(e.status, None)
+    except BaseException as e:  # noqa: BLE001 - ended here as the interpreter ends a script
+        fastexit.finish(None, e)
+    fastexit.finish(0, None)
+
+
+def _call(script: Script, module: types.ModuleType, captured: dict[int, bytes]) -> None:
+    """One call, in its executor: sys.argv is [SCRIPT as the client gave it, *ARGS]."""
+    if sys.argv and os.path.abspath(sys.argv[0]) != os.path.abspath(script.given):
+        raise RunnerError(f"{sys.argv[0]} is not the script this server was started for "
+                          f"({script.given}): give an absolute path when using --any-cwd",
+                          EXIT_FAILED)
+    if sys.argv:
+        sys.argv[0] = script.argv0
+    replay(captured)
+    run(script, module)
+
+
+def run_direct(script: Script, opts: argparse.Namespace) -> None:
+    """By hand: the same start as under prefork-interp, without server or preload."""
+    run(script, enter(script, opts.args))
+
+
+# ------------------------------------------------------------------ command line
+
+USAGE = f"""\
+{PROG} [OPTIONS] SCRIPT [ARGS ...]
+       {PROG} --explain [OPTIONS] SCRIPT [ARGS ...]
+       {PROG} --wrap NAME [--client PATH] [--preload MODULE ..] > WRAPPER"""
+
+DESCRIPTION = """\
+Runs an unmodified Python script (or an installed program's script) fast under prefork-interp:
+setup imports the modules the script imports at module level (found with ast, without running
+it), then each call forks a warm copy that runs the script as __main__.  Use as
+
+  #!/usr/bin/prefork-interp -U,prefork-server                (first line of a script)
+  prefork-interp -U prefork-server "$(command -v PROGRAM)" ARGS ...
+  prefork-server --wrap PROGRAM > ~/bin/PROGRAM && chmod +x ~/bin/PROGRAM
+
+Without PREFORK_INTERP in the environment (run by hand) it runs the script directly."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    import argparse
+
+    from prefork import __version__
+
+    p = argparse.ArgumentParser(prog=PROG, usage=USAGE, description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--preload", action="append", default=[], metavar="MODULE",
+                   help="also import MODULE in setup (repeatable)")
+    p.add_argument("--no-preload", action="store_true",
+                   help="do not import the script's own imports in setup")
+    p.add_argument("--reload-also", action="append", default=[], metavar="PATH",
+                   help="restart the server when PATH changes too (repeatable)")
+    p.add_argument("--explain", action="store_true",
+                   help="print what setup would preload and why, the time each import "
+                        "takes, and threads or files left by the preload; run nothing")
+    p.add_argument("--wrap", metavar="NAME",
+                   help="print a #! wrapper running program NAME (on PATH, or a path) "
+                        "through prefork-interp with its own environment's Python")
+    p.add_argument("--client", metavar="PATH",
+                   help="with --wrap: the prefork-interp to put in the #! line")
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    return p
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(our options, [SCRIPT, *ARGS]): options end at the first word that is not one."""
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--":
+            return argv[:i], argv[i + 1:]
+        if not word.startswith("-") or word == "-":
+            break
+        if word in _VALUE_OPTIONS:
+            i += 1
+        i += 1
+    return argv[:i], argv[i:]
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """Options and the script; exits 2 (argparse) on a usage error."""
+    ours, rest = split_argv(argv)
+    parser = _parser()
+    opts = parser.parse_args(ours)
+    opts.script = rest[0] if rest else None
+    opts.args = rest[1:]
+    if opts.wrap is None and opts.script is None:
+        parser.error("no SCRIPT given")
+    if opts.wrap is not None and opts.script is not None:
+        parser.error("--wrap takes no SCRIPT")
+    if opts.client is not None and opts.wrap is None:
+        parser.error("--client goes with --wrap")
+    if opts.wrap is not None and opts.explain:
+        parser.error("--explain takes a SCRIPT, not --wrap")
+    return opts
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``prefork-server`` (and ``python -m prefork.server``)."""
+    from prefork.common import envspec
+
+    opts = parse(sys.argv[1:] if argv is None else argv)
+    try:
+        if opts.wrap is not None:
+            passed = [w for m in opts.preload for w in ("--preload", m)]
+            passed += ["--no-preload"] if opts.no_preload else []
+            passed += [w for p in opts.reload_also for w in ("--reload-also", p)]
+            sys.stdout.write(make_wrapper(opts.wrap, opts.client, passed))
+            return 0
+        script = Script(opts.script)
+        if opts.explain:
+            return explain(script, opts)
+        if envspec.ENV_NAME in os.environ:
+            serve(script, opts)
+        else:
+            run_direct(script, opts)
+    except RunnerError as e:
+        sys.stderr.write(f"{e}\n")
+        return e.status
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
