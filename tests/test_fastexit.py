@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CLIENT, PYTHON, ProcRegistry
+from harness import CLIENT, PYTHON, ProcRegistry
 
 pytestmark = [
     pytest.mark.timeout(120),
