@@ -38,6 +38,7 @@ import time
 from prefork.common import fdio, protocol
 from prefork.server import executor
 from prefork.server.autoreload import Autoreload
+from prefork.server.stats import CallStats
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -141,6 +142,7 @@ class Server:
         self.spare: Spare | None = None
         self.spare_pids: set[int] = set()
         self.call_ended = False
+        self.stats = CallStats.for_socket(listen_sock.getsockname(), birth_ns, log)
 
     # ------------------------------------------------------------ set-up
 
@@ -502,6 +504,8 @@ class Server:
         call.pid = pid
         call.extended = req.extended
         self.by_pid[pid] = call
+        if self.stats is not None:
+            self.stats.call_started(pid, req)
         if self._full():
             self._set_accepting(False)
         if req.extended:
@@ -714,3 +718,5 @@ class Server:
             call.kill_at = None
             if not self._full():
                 self._set_accepting(True)
+            if self.stats is not None:
+                self.stats.call_ended(pid, status)
