@@ -359,10 +359,17 @@ def _identity(e: Entry) -> Entry:
         stats = None
         e = replace(e, stats=None)
     via = None
-    if e.script_path is not None:
-        target = _wrapped_target(e.script_path)
+    candidates = [e.script_path]
+    if stats is not None and isinstance(stats.get("setup_script"), str):
+        cwd = stats.get("cwd")
+        setup_script = str(stats["setup_script"])
+        candidates.insert(0, os.path.join(cwd, setup_script) if isinstance(cwd, str)
+                          else setup_script)
+    for path in candidates:
+        target = _wrapped_target(path) if path is not None else None
         if target is not None:
             via = f"wrapper for {target}"
+            break
     if via is None and stats is not None:
         via = "prefork-server" if stats.get("runner") else "script"
     if e.server is None and stats is not None and isinstance(stats.get("script"), str):

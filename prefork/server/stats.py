@@ -78,6 +78,16 @@ def _interp_argv() -> list[str] | None:
     return [os.fsdecode(a) for a in orig[:n]]
 
 
+def _setup_script() -> str | None:
+    """The script file the interpreter was started on (``prefork-server``'s own argument,
+    e.g. a ``--wrap`` wrapper, where ``sys.argv[0]`` names the program it stands for)."""
+    orig = getattr(sys, "orig_argv", None)
+    n = len(orig) - len(sys.argv) if orig is not None else -1
+    if orig is None or n < 1 or n >= len(orig):
+        return None
+    return os.fsdecode(orig[n])
+
+
 class CallStats:
     """Counts the server's calls, writes ``p<IDENT>.stat`` and the per-call log lines."""
 
@@ -104,6 +114,7 @@ class CallStats:
             "pid": os.getpid(), "started": round(self.started, 3),
             "setup_seconds": round(self.setup_seconds, 3), "cwd": cwd,
             "interp_argv": _interp_argv(), "script": sys.argv[0] if sys.argv else None,
+            "setup_script": _setup_script(),
             "executable": sys.executable,
             "runner": "prefork.server.runner" in sys.modules,
         }
