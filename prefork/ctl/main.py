@@ -18,6 +18,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 
 from prefork import __version__
@@ -303,6 +304,35 @@ def logs(
         return
     except OSError as e:
         raise _fail(str(e)) from None
+
+
+@app.command()
+def doctor(run_dir: RunDirOpt = None, as_json: JsonOpt = False) -> None:
+    """Check what makes calls slow or fail on this machine, and say what to do.
+
+    The client launcher(s) in use (the fast one, or pip's slower console script), the
+    Python version (before 3.12 an executor's exit is slow), the run directory and its
+    ancestors, where servers log, inotify instances in use against the limit, and the
+    reference binaries for interop. Exit status 1 if a check failed (calls fail now);
+    warnings (slower calls, later trouble) leave it 0.
+    """
+    from prefork.ctl import doctor as checks
+
+    findings = checks.run_checks(run_dir)
+    if as_json:
+        import json
+
+        typer.echo(json.dumps([f.to_dict() for f in findings], indent=2))
+    else:
+        style = {"ok": "green", "info": "cyan", "warn": "yellow", "fail": "bold red"}
+        console = _console()
+        for f in findings:
+            console.print(f"[{style[f.level]}]{f.level.upper():4}[/] "
+                          f"[bold]{escape(f.check)}[/]: {escape(f.found)}")
+            if f.advice:
+                console.print(f"      -> {escape(f.advice)}")
+    if any(f.level == checks.FAIL for f in findings):
+        raise typer.Exit(1)
 
 
 def _syslog(e: Entry, follow: bool, lines: int | None) -> None:
