@@ -199,12 +199,16 @@ def _start(opts: Options, sock_path: str) -> tuple[_socket.socket, frozenset[byt
         env = dict(e.split(b"=", 1) for e in _caller_env())
         env[envspec.ENV_NAME.encode()] = envspec.build(
             birth_ns // 1_000_000_000, birth_ns % 1_000_000_000, *fds).encode()
-        argv = [opts.interp, *opts.interp_args]
+        from prefork.client import interp
+
+        interp_path, interp_how = interp.resolve(opts.interp, env)  # see its docstring
+        spawn = interp_path if interp_how == interp.BESIDE else opts.interp
+        argv = [spawn, *opts.interp_args]
         if opts.script is not None:
             argv.append(opts.script)
         argv += opts.args
         try:
-            pid = os.posix_spawnp(opts.interp, argv, env, file_actions=[
+            pid = os.posix_spawnp(spawn, argv, env, file_actions=[
                 (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                 (os.POSIX_SPAWN_DUP2, 2, 1),
                 *_close_strays(fds),
@@ -229,9 +233,10 @@ def _start(opts: Options, sock_path: str) -> tuple[_socket.socket, frozenset[byt
                 # The script's own traceback is already on the caller's stderr: say what it
                 # means, then exit as the script did.
                 try:
-                    os.write(2, f"prefork-interp: setup failed: the script ended "
-                                f"({_describe(status)}) before prefork.initialisation_complete() "
-                                f"made it a server\n".encode())
+                    os.write(2, (f"prefork-interp: setup failed: the script ended "
+                                 f"({_describe(status)}) before prefork.initialisation_complete() "
+                                 f"made it a server\n" + interp.failure_hint(
+                                     opts.interp, interp_path, interp_how, env)).encode())
                 except OSError:
                     pass
                 propagate(status)
