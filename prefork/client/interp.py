@@ -74,11 +74,11 @@ def _probe(path: str, env: dict[bytes, bytes]) -> tuple[str | None, str | None]:
 
 
 def failure_hint(name: str, path: str, how: str, env: dict[bytes, bytes]) -> str:
-    """Lines for the caller's stderr after a failed setup: which interpreter ran, whether it
-    has ``prefork``, how to name one that has."""
-    found = "" if how == "as given" else f", found {how} as {name!r}"
+    """Lines for the caller's stderr after a failed setup: which Python ran, whether it
+    has ``prefork``, how to name one that has ("" for an interpreter that is not Python)."""
     if not os.path.basename(path).startswith(("python", "pypy")):
-        return f"prefork-interp: the interpreter was {path}{found}\n"
+        return ""  # another program (prefork-server, perl): it says what went wrong itself
+    found = "" if how == "as given" else f", found {how} as {name!r}"
     version, where = _probe(path, env)
     text = (f"prefork-interp: the interpreter was {path}{found} "
             f"(Python {version or '?'})")

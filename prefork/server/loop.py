@@ -190,6 +190,8 @@ class Server:
         return max(0.0, min(deadlines) - now)
 
     def _step(self) -> bool:
+        if self.stats is not None:
+            self.stats.flush()  # calls ended in the last turn: after the spare's fork
         if self.quitting is not None and not self.calls and not self.by_pid \
                 and not self.spare_pids:
             self.log.info(f"quitting: {self.quitting}")

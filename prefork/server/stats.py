@@ -1,17 +1,17 @@
 """What the server records about its calls, for ``prefork-ctl`` and for the log.
 
 - ``p<IDENT>.stat`` in the run directory (``prefork.common.consts.stat_name``): a small
-  JSON object, replaced atomically (temporary file, then ``rename``) at start and
-  after each call has ended and its status has gone back to the client -- never on a call's
-  path.  ``prefork-ctl`` reads the last call from here rather than from the socket's atime,
-  which ``relatime`` mounts update at most daily.  ``setup_seconds`` is the time from the
-  socket's birth (just before the client spawned setup) to ``initialisation_complete()``:
-  about what every direct start of the script would cost, so ``calls x setup_seconds``
-  is roughly the time saved (less the warm calls' own few milliseconds).  It also keeps
-  what tells servers of one program apart: the interpreter as the client gave it and its
-  options (``sys.orig_argv`` up to the script), the script as given, its cwd, and
-  whether ``prefork-server`` runs the script (``prefork-ctl`` works out ``--any-cwd`` from
-  these and the ident).
+  JSON object, replaced atomically (temporary file, then ``rename``) at start and after
+  calls have ended -- at the top of the loop's next turn, after the next spare has been
+  forked, so never on a call's path.  ``prefork-ctl`` reads the last call from here rather
+  than from the socket's atime, which ``relatime`` mounts update at most daily.
+  ``setup_seconds`` is the time from the socket's birth (just before the client spawned
+  setup) to ``initialisation_complete()``: about what every direct start of the script
+  would cost, so ``calls x setup_seconds`` is roughly the time saved (less the warm
+  calls' own few milliseconds).  It also keeps what tells servers of one program apart:
+  the interpreter as the client gave it and its options (``sys.orig_argv`` up to the
+  script), the script as given, its cwd, and whether ``prefork-server`` runs the script
+  (``prefork-ctl`` works out ``--any-cwd`` from these and the ident).
 - one log line per ended call (when it ended, the script's ``sys.argv[0]``, the client's
   pid if known, the wait status, the duration), at a bounded rate: a token bucket for calls
   that succeeded and a larger one for calls that failed; what a bucket drops is counted and
@@ -105,6 +105,8 @@ class CallStats:
         self.failed_bucket = _Bucket(*FAILED_BUCKET)
         self.dropped = 0
         self.dropped_failed = 0
+        #: Calls ended, not yet logged nor written (see ``flush``).
+        self.pending: list[tuple[int, str, int, int, float, bool, float]] = []
         try:
             cwd: str | None = os.getcwd()
         except OSError:
@@ -138,7 +140,9 @@ class CallStats:
         self.running[pid] = (time.monotonic(), argv0, req.client_pid)
 
     def call_ended(self, pid: int, status: int) -> None:
-        """Executor ``pid`` ended with ``status`` (its client has been told already)."""
+        """Executor ``pid`` ended with ``status`` (its client has been told already).  Only
+        counted here: the log line and the file wait for ``flush``, so that nothing delays
+        the next spare's fork."""
         start = self.running.pop(pid, None)
         if start is None:
             return
@@ -150,8 +154,21 @@ class CallStats:
         self.failed += not ok
         self.busy_seconds += secs
         self.last = (time.time(), argv0, status, secs)
-        bucket = self.ok_bucket if ok else self.failed_bucket
-        if bucket.take(now):
+        self.pending.append((pid, argv0, client, status, secs, ok, now))
+
+    def flush(self) -> None:
+        """Log the calls ended since the last flush (within the rate limit) and write the
+        file once; nothing to do (one test) when no call has ended.  Called by the server
+        loop at the top of each turn: after the spare's fork, before it waits."""
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        for pid, argv0, client, status, secs, ok, now in pending:
+            bucket = self.ok_bucket if ok else self.failed_bucket
+            if not bucket.take(now):
+                self.dropped += 1
+                self.dropped_failed += not ok
+                continue
             note = ""
             if self.dropped:
                 note = (f" ({self.dropped} earlier call(s) not logged, "
@@ -164,9 +181,6 @@ class CallStats:
                 self.log.info(line)
             else:
                 self.log.warning(line)
-        else:
-            self.dropped += 1
-            self.dropped_failed += not ok
         self.write()
 
     def text(self) -> str:
@@ -182,7 +196,9 @@ class CallStats:
     def write(self) -> None:
         """Replace the file (temporary file in the same directory, then rename); a failure
         is ignored: statistics never stop a server."""
-        tmp = f"{self.path}.{os.getpid()}.tmp"
+        # hidden while it exists (a listing of the run directory need not show it)
+        head, name = os.path.split(self.path)
+        tmp = os.path.join(head, f".{name}.{os.getpid()}")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
