@@ -14,6 +14,7 @@ that machine noise hits both sides; medians of many repetitions.  Sections:
 (g) ``Autoreload.stale()`` with 2,000 files, in-process (inotify, and stat-only for contrast)
 (h) an exception-heavy loop timed inside the script: direct vs warm (prefork-server, and a
     script calling initialisation_complete())
+(p) the client a real ``pip install`` gives (wheel, fresh venv) vs ``make venv``'s launcher
 
 Each section works in its own short directory under /tmp (scripts, cwd, run directory) and
 stops its servers at the end (``--kill``), then checks that no process referring to that
@@ -457,6 +458,50 @@ def bench_clients(res: Results, reps: int) -> None:
         res.add(s, f"our client on {alt} ({altv}; make_launcher --client-python)",
                 f"{a:.2f} ms", f"{a / c:.2f}", "(info)")
         res.add(s, f"its floor: {alt} -IS -c pass", f"{med_ms(t['altpass']):.2f} ms")
+
+
+def bench_pip(res: Results, reps: int) -> None:
+    """(p): the client a real ``pip install`` gives (a wheel of this tree into a fresh venv,
+    after its first call made pip's launcher the fast one) vs ``make venv``'s launcher."""
+    from prefork.client.launcher import ENTRY_LINE, FAST_MARK
+
+    with section("p") as sec:
+        whl_dir, venv = os.path.join(sec.dir, "whl"), os.path.join(sec.dir, "v")
+        output_of([PYTHON, "-m", "pip", "wheel", "-q", "--no-deps", "-w", whl_dir, str(REPO)],
+                  sec.env)
+        (whl,) = (os.path.join(whl_dir, n) for n in os.listdir(whl_dir) if n.endswith(".whl"))
+        output_of([PYTHON, "-m", "venv", "--without-pip", venv], sec.env)
+        output_of([PYTHON, "-m", "pip", "--python", f"{venv}/bin/python", "install", "-q",
+                   "--no-deps", whl], sec.env)
+        pip_client = f"{venv}/bin/prefork-interp"
+        with open(pip_client) as f:
+            as_installed = f.read()
+        # pip's launcher as it was before (entry point prefork.client.main:main), for contrast
+        old = os.path.join(sec.dir, "pip-launcher")
+        with open(old, "w") as f:
+            f.write(as_installed.replace(ENTRY_LINE, "from prefork.client.main import main"))
+        os.chmod(old, 0o755)
+        script = write_script(sec.dir, "t.py", f"{CLIENT} -U,{PYTHON}", TRIVIAL_PY)
+        sec.server(CLIENT, PYTHON, script)
+        output_of([pip_client, "-U", PYTHON, script], sec.env)  # starts the server
+        with open(pip_client) as f:
+            fast = FAST_MARK in f.read()
+        if not fast:
+            raise BenchError(f"{pip_client} did not become the fast launcher")
+        t = interleaved({
+            "pip": Cmd([pip_client, "-U", PYTHON, script], sec.env, sec.err),
+            "make": Cmd([CLIENT, "-U", PYTHON, script], sec.env, sec.err),
+            "old": Cmd([old, "-U", PYTHON, script], sec.env, sec.err),
+        }, reps)
+    pip_ms, make_ms, old_ms = med_ms(t["pip"]), med_ms(t["make"]), med_ms(t["old"])
+    ratio = pip_ms / make_ms
+    res.facts.update(p_pip=pip_ms, p_make=make_ms, p_old=old_ms)
+    s = "(p) client from `pip install` (wheel, fresh venv)"
+    res.add(s, "make venv's launcher (tools/make_launcher.py), warm call", f"{make_ms:.2f} ms")
+    res.add(s, "pip-installed client (fast launcher after its first call), warm call",
+            f"{pip_ms:.2f} ms", f"{ratio:.2f}", "<= 1.10", verdict(ratio <= 1.10))
+    res.add(s, "pip's console script as it was (site + re), warm call", f"{old_ms:.2f} ms",
+            f"{old_ms / make_ms:.2f}", "(info)")
 
 
 def bench_servers(res: Results, reps: int) -> None:
@@ -955,8 +1000,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="few repetitions (a smoke test)")
     ap.add_argument("--no-write", action="store_true", help="do not write docs/")
-    ap.add_argument("--only", default="abcefgh", help="sections to run (default all: abcefgh; "
-                    "c includes d)")
+    ap.add_argument("--only", default="apbcefgh", help="sections to run (default all: "
+                    "apbcefgh; c includes d)")
     ns = ap.parse_args()
     for p in (PYTHON, CLIENT, C_CLIENT, PERL):
         if not os.access(p, os.X_OK):
@@ -968,6 +1013,7 @@ def main() -> int:
     failed = []
     steps: list[tuple[str, Callable[[], None]]] = [
         ("a", lambda: bench_clients(res, 20 if q else 200)),
+        ("p", lambda: bench_pip(res, 20 if q else 200)),
         ("b", lambda: bench_servers(res, 20 if q else 300)),
         ("c", lambda: bench_heavy(res, 5 if q else 30, 3 if q else 12)),
         ("e", lambda: bench_heap(res, 5 if q else 60)),

@@ -361,7 +361,10 @@ def test_kill_all_and_nothing_found(rundir: str, env: dict[str, str],
     assert not any(n.startswith(("s", "l")) for n in os.listdir(rundir))
     again = ctl("kill", "--all", "--run-dir", rundir)
     assert again.exit_code == 1, again.output
-    unknown = ctl("kill", "a.py", "--run-dir", rundir)
+    # a.py's server is gone, but its log and stat file still name it: found, nothing to do
+    gone = ctl("kill", "a.py", "--run-dir", rundir)
+    assert gone.exit_code == 1 and "nothing was running" in gone.stderr, gone.output
+    unknown = ctl("kill", "c.py", "--run-dir", rundir)
     assert unknown.exit_code == 1 and "no server matches" in unknown.stderr
 
 

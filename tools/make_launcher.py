@@ -30,7 +30,9 @@ Finally the package is byte-compiled with the venv's Python so that no ``.pyc`` 
 the hot path at run time.
 
 Usage: ``python tools/make_launcher.py [--venv DIR]`` (default: ``.venv`` in the repository).
-Re-run after every ``pip install`` into the venv: pip overwrites these files.
+After a ``pip install`` into the venv, pip's ``prefork-interp`` launcher makes itself the fast
+one on its first call (``prefork/client/launcher.py``, same text); running this again also
+redoes the watcher's launcher and the byte-compilation.
 """
 
 from __future__ import annotations
@@ -39,10 +41,12 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from prefork.client import launcher  # noqa: E402
 
 _PROBE = """\
 import os, sys, sysconfig
@@ -51,14 +55,6 @@ pkg = os.path.dirname(os.path.abspath(prefork.__file__))
 print(os.path.dirname(pkg))
 print(sysconfig.get_path("purelib"))
 print(sysconfig.get_path("platlib"))
-"""
-
-TEMPLATE = """\
-#!{python} -IS
-# Written by tools/make_launcher.py (fast launcher: isolated, no site). Re-run it after pip.
-import sys
-{paths}from {module} import main
-sys.exit(main())
 """
 
 ROLES = {
@@ -81,20 +77,11 @@ def probe(python: Path) -> tuple[str, list[str]]:
 
 
 def write_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    launcher.write_atomically(str(path), text)
 
 
 def launcher_text(python: Path, module: str, dirs: list[str]) -> str:
-    lines = "".join(f"sys.path.append({d!r})\n" for d in dirs)
-    return TEMPLATE.format(python=python, paths=lines, module=module)
+    return launcher.launcher_text(str(python), module, dirs, writer="tools/make_launcher.py")
 
 
 def check_client_python(path: Path) -> Path:

@@ -225,9 +225,9 @@ def _start(setup_argv: list[str], sock_path: str) -> Connection:
                 # The script's own traceback is already on the caller's stderr: say what it
                 # means; the client then exits as the script did.
                 try:
-                    os.write(2, f"prefork-interp: setup failed: the script ended "
-                                f"({_describe(status)}) before prefork.initialisation_complete() "
-                                f"made it a server\n".encode())
+                    os.write(2, (f"prefork-interp: setup failed: the script ended "
+                                 f"({_describe(status)}) before prefork.initialisation_complete() "
+                                 f"made it a server\n" + _interp_hint(setup_argv[0])).encode())
                 except OSError:
                     pass
                 raise ScriptEnded(status)
@@ -241,6 +241,16 @@ def _start(setup_argv: list[str], sock_path: str) -> Connection:
                               "didn't call prefork.initialisation_complete()?)")
         undo.pop_all()  # started: the socket is the server's, the connection the caller's
         return call_client, offer
+
+
+def _interp_hint(name: str) -> str:
+    """What to add when setup ended early: which interpreter ran, and how to name one that
+    can import prefork (``prefork.client.interp``)."""
+    from prefork.client import interp
+
+    env = dict(e.split(b"=", 1) for e in caller_env())
+    path, how = interp.resolve(name, env)
+    return interp.failure_hint(name, path, how, env)
 
 
 def _spawn_setup(argv: list[str], birth_ns: int, fds: tuple[int, int, int, int]) -> int:

@@ -39,6 +39,10 @@ SOCKET_PREFIX = "s"
 LOCK_PREFIX = "l"
 LOG_PREFIX = "p"
 LOG_SUFFIX = ".log"
+STAT_SUFFIX = ".stat"
+
+#: Second or third line of a ``prefork-server --wrap`` wrapper: the program it stands for.
+WRAP_MARKER = b"# prefork-server-wrap: "
 
 
 def socket_name(ident: str) -> str:
@@ -54,3 +58,8 @@ def lock_name(ident: str) -> str:
 def log_name(ident: str) -> str:
     """Our server's log file, ``p<IDENT>.log``."""
     return LOG_PREFIX + ident + LOG_SUFFIX
+
+
+def stat_name(ident: str) -> str:
+    """Our server's call statistics, ``p<IDENT>.stat`` (``prefork/server/stats.py``)."""
+    return LOG_PREFIX + ident + STAT_SUFFIX

@@ -277,6 +277,8 @@ def clean(run_dir: str, say: Say) -> list[str]:
             for suffix in _LOG_SUFFIXES:
                 if _unlink(e.log_path + suffix, result):
                     gone.append("log" + suffix)
+            if e.stat_path is not None and _unlink(e.stat_path, result):
+                gone.append("stat")
             _unlink(e.lock_path, result)  # we created it if it was missing: always ours now
             if e.has_lock:
                 gone.append("lock")
@@ -310,11 +312,28 @@ def log_files(e: Entry) -> list[str]:
     return [p for p in (e.log_path + ".1", e.log_path) if os.path.exists(p)]
 
 
+def log_order(entries: list[Entry]) -> list[Entry]:
+    """Entries with a log file, the one written to last at the end (as ``ls -tr``)."""
+    def newest(e: Entry) -> float:
+        times = []
+        for path in log_files(e):
+            try:
+                times.append(os.stat(path).st_mtime)
+            except OSError:
+                pass
+        return max(times, default=0.0)
+
+    return sorted((e for e in entries if log_files(e)), key=newest)
+
+
 def print_files(files: list[str], lines: int | None, out: Callable[[bytes], None], *,
                 follow: bool = False, poll: float = 0.2,
-                stop: Callable[[], bool] | None = None) -> None:
+                stop: Callable[[], bool] | None = None,
+                headers: dict[str, bytes] | None = None) -> None:
     """The contents of ``files`` (only the last ``lines`` lines of them all, if given); with
-    ``follow``, then what is appended to them, like ``tail -F``.
+    ``follow``, then what is appended to them, like ``tail -F``.  ``headers`` maps files
+    to a header line: printed before the first output from that file, and again whenever
+    the output switches to it from another file with another header (as ``tail``).
 
     Following reads on through the fds the contents came from, so no line written meanwhile
     is lost; a file renamed away by rotation is read to its end before the new one at the
@@ -322,8 +341,17 @@ def print_files(files: list[str], lines: int | None, out: Callable[[bytes], None
     returns when ``stop()`` says so (the CLI stops on Ctrl-C, i.e. KeyboardInterrupt).
     """
     open_fds: dict[str, int] = {}
+    last_header: list[bytes | None] = [None]
+
+    def emit(path: str, data: bytes) -> None:
+        header = (headers or {}).get(path)
+        if data and header is not None and header != last_header[0]:
+            out((b"\n" if last_header[0] is not None else b"") + header)
+            last_header[0] = header
+        out(data)
+
     try:
-        data = b""
+        groups: list[tuple[bytes | None, list[tuple[str, bytes]]]] = []
         for path in files:
             fd = _open_or_none(path)
             if fd is None:
@@ -331,16 +359,22 @@ def print_files(files: list[str], lines: int | None, out: Callable[[bytes], None
                     raise FileNotFoundError(f"{path}: cannot open")
                 continue
             open_fds[path] = fd
-            data += _read_rest(fd)
-        if lines is not None:
-            data = b"".join(data.splitlines(keepends=True)[-lines:]) if lines > 0 else b""
-        out(data)
+            header = (headers or {}).get(path)
+            if not groups or groups[-1][0] != header:
+                groups.append((header, []))
+            groups[-1][1].append((path, _read_rest(fd)))
+        for _header, parts in groups:
+            # the last ``lines`` lines of each server's files (of all files without headers)
+            data = b"".join(d for _p, d in parts)
+            if lines is not None:
+                data = b"".join(data.splitlines(keepends=True)[-lines:]) if lines > 0 else b""
+            emit(parts[-1][0], data)
         while follow and (stop is None or not stop()):
             time.sleep(poll)
             for path in files:
                 fd = open_fds.get(path)
                 if fd is not None:
-                    out(_read_rest(fd))
+                    emit(path, _read_rest(fd))
                     if _replaced(path, fd):
                         os.close(open_fds.pop(path))
                         fd = None
@@ -348,7 +382,7 @@ def print_files(files: list[str], lines: int | None, out: Callable[[bytes], None
                     fd = _open_or_none(path)
                     if fd is not None:
                         open_fds[path] = fd
-                        out(_read_rest(fd))
+                        emit(path, _read_rest(fd))
     finally:
         for fd in open_fds.values():
             os.close(fd)

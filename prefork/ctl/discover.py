@@ -24,6 +24,7 @@ Everything here reads; nothing signals or deletes (see ``prefork.ctl.actions``).
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import time
@@ -31,8 +32,8 @@ from dataclasses import dataclass, field, replace
 
 import psutil
 
-from prefork.common import paths
-from prefork.common.ident import lock_path, log_path, socket_path
+from prefork.common import consts, paths
+from prefork.common.ident import compute_ident, lock_path, log_path, socket_path
 from prefork.ctl import kernel
 
 TYPE_CHECKING = False
@@ -53,8 +54,9 @@ SERVER_SUFFIX = " [server]"
 #: set its own, just after the fork).
 SPARE_SUFFIX = " [spare]"
 _HEX = frozenset("0123456789abcdef")
-_LOG_SUFFIX = ".log"
-_ROTATED_SUFFIX = ".log.1"
+_LOG_SUFFIX = consts.LOG_SUFFIX
+_ROTATED_SUFFIX = consts.LOG_SUFFIX + ".1"
+_STAT_MAX = 65536
 
 
 class LookupFailed(Exception):
@@ -134,6 +136,14 @@ class Entry:
     side: str | None = None
     client: str | None = None
     calls: int = 0
+    stat_path: str | None = None
+    stats: dict[str, object] | None = None
+    """our server's ``p<IDENT>.stat`` (``prefork/server/stats.py``), if there is one."""
+    via: str | None = None
+    """how the script runs: ``script`` (it calls initialisation_complete itself),
+    ``prefork-server``, or ``wrapper for PROGRAM`` (``prefork-server --wrap``)."""
+    any_cwd: bool | None = None
+    """whether the ident leaves the cwd out (``--any-cwd``), when it can be worked out."""
 
     def processes(self) -> list[ProcInfo]:
         """Every process found for this entry: the server's tree, then the watcher."""
@@ -142,13 +152,36 @@ class Entry:
             procs.append(self.watcher)
         return procs
 
+    def stat_number(self, key: str) -> float | None:
+        """A number from the stat file, or None."""
+        value = (self.stats or {}).get(key)
+        return float(value) if isinstance(value, (int, float)) else None
+
+    def last_call(self) -> float | None:
+        """When the last call ended, as the server recorded it; else the socket's atime
+        (connecting touches it, subject to the mount's relatime); None if unknown."""
+        recorded = self.stat_number("last_call")
+        if recorded is None and self.stats is not None:
+            recorded = self.stat_number("started")  # no call yet but the first
+        if recorded is not None:
+            return recorded
+        return self.last_used
+
     def idle_seconds(self, now: float) -> float | None:
-        """Seconds since the last use we can see (0 while a call runs), or None if unknown."""
+        """Seconds since the last call ended (0 while a call runs), or None if unknown."""
         if self.calls:
             return 0.0
-        if self.last_used is None:
+        last = self.last_call()
+        if last is None:
             return None
-        return max(0.0, now - self.last_used)
+        return max(0.0, now - last)
+
+    def saved_seconds(self) -> float | None:
+        """Roughly the time the server saved: calls served x its setup's duration."""
+        calls, setup = self.stat_number("calls"), self.stat_number("setup_seconds")
+        if calls is None or setup is None:
+            return None
+        return calls * setup
 
     def to_dict(self, now: float) -> dict[str, object]:
         """A JSON-ready view (``list --json`` and ``show --json``)."""
@@ -163,6 +196,9 @@ class Entry:
             "script": self.script, "script_path": self.script_path, "cwd": self.cwd,
             "interpreter": self.interpreter, "side": self.side, "client": self.client,
             "calls": self.calls, "listen_inode": self.listen_inode,
+            "via": self.via, "any_cwd": self.any_cwd, "last_call": self.last_call(),
+            "stat": self.stat_path, "stats": self.stats,
+            "saved_seconds": self.saved_seconds(),
             "server": None if self.server is None else self.server.to_dict(now),
             "watcher": None if self.watcher is None else self.watcher.to_dict(now),
         }
@@ -240,12 +276,13 @@ def _dir_names(run_dir: str) -> list[str]:
 
 
 def _ident_of(name: str, *, socket_only: bool = False) -> str | None:
-    """The ident in a run-directory file name (``s``/``l`` + hex, ``p`` + hex + ``.log``)."""
+    """The ident in a run-directory file name (``s``/``l`` + hex, ``p`` + hex + ``.log`` or
+    ``.stat``)."""
     if len(name) < 2:
         return None
     kind, rest = name[0], name[1:]
     if not socket_only and kind == "p":
-        for suffix in (_LOG_SUFFIX, _ROTATED_SUFFIX):
+        for suffix in (_LOG_SUFFIX, _ROTATED_SUFFIX, consts.STAT_SUFFIX):
             if rest.endswith(suffix):
                 rest = rest[: -len(suffix)]
                 break
@@ -261,6 +298,7 @@ def _entries_for(ctx: _Scan, ident: str) -> list[Entry]:
     sock = socket_path(ctx.run_dir, ident)
     lock = lock_path(ctx.run_dir, ident)
     log = log_path(ctx.run_dir, ident)
+    stat_path = os.path.join(ctx.run_dir, consts.stat_name(ident))
     try:
         st: os.stat_result | None = os.lstat(sock)
     except OSError:
@@ -272,7 +310,8 @@ def _entries_for(ctx: _Scan, ident: str) -> list[Entry]:
         log_path=log, has_socket=st is not None, has_lock=os.path.lexists(lock),
         has_log=os.path.lexists(log), socket_id=sock_id,
         born=st.st_mtime if st is not None else None,
-        last_used=st.st_atime if st is not None else None)
+        last_used=st.st_atime if st is not None else None,
+        stat_path=stat_path, stats=read_stat(stat_path))
     mine = [s for s in ctx.listeners.values() if s.path == sock]
     current: kernel.UnixListener | None = None
     if is_sock and mine:
@@ -297,9 +336,88 @@ def _entries_for(ctx: _Scan, ident: str) -> list[Entry]:
             rows.append(_with_server(ctx, files, DRAINING, pid, None, seen))
     if st is not None and not any(r.state == LIVE for r in rows):
         rows.append(replace(files, state=STALE))
-    if not rows and (files.has_lock or files.has_log):
+    if not rows and (files.has_lock or files.has_log or files.stats is not None):
         rows.append(files)
-    return rows
+    return [_identity(r) for r in rows]
+
+
+def read_stat(path: str) -> dict[str, object] | None:
+    """Our server's stat file (a JSON object), or None if missing or unreadable."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_STAT_MAX)
+        value = json.loads(data)
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _identity(e: Entry) -> Entry:
+    """``e`` with how its script runs (``via``) and ``any_cwd`` worked out, where the
+    stat file (ours) or the script tells: a stat file of another server pid is ignored."""
+    stats = e.stats
+    if stats is not None and e.server is not None and stats.get("pid") != e.server.pid:
+        stats = None
+        e = replace(e, stats=None)
+    via = None
+    candidates = [e.script_path]
+    if stats is not None and isinstance(stats.get("setup_script"), str):
+        cwd = stats.get("cwd")
+        setup_script = str(stats["setup_script"])
+        candidates.insert(0, os.path.join(cwd, setup_script) if isinstance(cwd, str)
+                          else setup_script)
+    for path in candidates:
+        target = _wrapped_target(path) if path is not None else None
+        if target is not None:
+            via = f"wrapper for {target}"
+            break
+    if via is None and stats is not None:
+        via = "prefork-server" if stats.get("runner") else "script"
+    if e.server is None and stats is not None and isinstance(stats.get("script"), str):
+        # a server gone: its script, as it recorded it (``logs NAME`` still finds it)
+        script = str(stats["script"])
+        cwd = stats.get("cwd")
+        path = os.path.normpath(os.path.join(cwd, script)) if isinstance(cwd, str) else script
+        e = replace(e, script=script, script_path=path,
+                    cwd=cwd if isinstance(cwd, str) else None)
+    return replace(e, via=via, any_cwd=_any_cwd(e, stats))
+
+
+def _wrapped_target(path: str) -> str | None:
+    """The program a ``prefork-server --wrap`` wrapper stands for (its marker line)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return None
+    for line in head.split(b"\n")[1:3]:
+        if line.startswith(consts.WRAP_MARKER):
+            return os.fsdecode(line[len(consts.WRAP_MARKER):].strip())
+    return None
+
+
+def _any_cwd(e: Entry, stats: dict[str, object] | None) -> bool | None:
+    """Whether the entry's ident was computed without the cwd (``--any-cwd``): the ident
+    computed again from the setup's interpreter, options, script and cwd, both ways.  None
+    when it matches neither (``-E``/``-G``/``-g`` options) or the facts are missing."""
+    if stats is None:
+        return None
+    interp_argv, script, cwd = stats.get("interp_argv"), stats.get("script"), stats.get("cwd")
+    if not (isinstance(interp_argv, list) and interp_argv and isinstance(script, str)
+            and isinstance(cwd, str) and all(isinstance(a, str) for a in interp_argv)):
+        return None
+    extra = [b"a" + os.fsencode(a) for a in interp_argv[1:]]
+    interp, script_b = os.fsencode(interp_argv[0]), os.fsencode(script)
+    try:
+        if compute_ident(e.run_dir, interp, script_b, [], cwd=None,
+                               extra=[*extra, b"any-cwd"]) == e.ident:
+            return True
+        if compute_ident(e.run_dir, interp, script_b, [], cwd=cwd,
+                               extra=extra) == e.ident:
+            return False
+    except (OSError, ValueError, paths.RunDirError):
+        return None
+    return None
 
 
 def _holder_start(ctx: _Scan, inode: int) -> float:

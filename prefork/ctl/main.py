@@ -18,6 +18,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 
 from prefork import __version__
@@ -163,8 +164,12 @@ def list_(run_dir: RunDirOpt = None, as_json: JsonOpt = False) -> None:
     running, memory (RSS, and PSS/USS: forked copies share pages).
 
     STATE is live (serving), draining (stopping: finishing its calls), stale (a socket
-    nobody listens on) or dead (only a lock or log file left). IDLE comes from the socket's
-    access time, which the kernel updates on connect (subject to the mount's relatime).
+    nobody listens on) or dead (only a lock, log or stat file left). VIA, CWD and INTERP tell
+    apart servers of one program: VIA is script, prefork-server or "wrapper for PROGRAM",
+    with "C client" and "any cwd" (--any-cwd) when so. IDLE (since the last call ended),
+    SERVED (calls so far) and SAVED (calls x the setup's duration) come from the server's
+    own p<IDENT>.stat; without it (the Perl side), IDLE is the socket's access time (subject
+    to the mount's relatime). RUN is the calls running now.
     """
     base, entries = _scan(run_dir)
     now = discover.now()
@@ -265,27 +270,69 @@ def logs(
         help="Only the last N lines.")] = None,
     run_dir: RunDirOpt = None,
 ) -> None:
-    """Print a server's log (-f: follow it).
+    """Print a server's log (-f: follow it), also once the server is gone.
 
     Our server's log is p<IDENT>.log in the run directory, or syslog when /dev/log exists;
-    the Perl side always logs to syslog.
+    the Perl side always logs to syslog. It has a line per call (when it ended, the script,
+    the exit status, the duration; at a bounded rate, failures first). With several servers,
+    each log comes under a header, the most recently written last.
     """
     base, entries = _scan(run_dir)
     chosen = entries if target is None else _select(entries, base, target)
-    files: list[str] = []
-    for e in chosen:
-        files += [f for f in actions.log_files(e) if f not in files]
-    if not files:
+    with_logs = actions.log_order(chosen)
+    if not with_logs:
         if target is None:
             raise _fail(f"no log files in {base}")
         _syslog(chosen[0], follow, lines)
         return
+    files: list[str] = []
+    headers: dict[str, bytes] = {}
+    idents = {e.ident for e in with_logs}
+    short = discover.short_idents(chosen)
+    for e in with_logs:
+        for f in actions.log_files(e):
+            if f not in files:
+                files.append(f)
+                if len(idents) > 1:
+                    name = e.script_path or e.script or "?"
+                    headers[f] = os.fsencode(f"==> {short[e.ident]} {name} ({e.state}) "
+                                             f"{e.log_path} <==\n")
     try:
-        actions.print_files(files, lines, actions.stdout_bytes, follow=follow)
+        actions.print_files(files, lines, actions.stdout_bytes, follow=follow,
+                            headers=headers or None)
     except KeyboardInterrupt:
         return
     except OSError as e:
         raise _fail(str(e)) from None
+
+
+@app.command()
+def doctor(run_dir: RunDirOpt = None, as_json: JsonOpt = False) -> None:
+    """Check what makes calls slow or fail on this machine, and say what to do.
+
+    The client launcher(s) in use (the fast one, or pip's slower console script), the
+    Python version (before 3.12 an executor's exit is slow), the run directory and its
+    ancestors, where servers log, inotify instances in use against the limit, and the
+    reference binaries for interop. Exit status 1 if a check failed (calls fail now);
+    warnings (slower calls, later trouble) leave it 0.
+    """
+    from prefork.ctl import doctor as checks
+
+    findings = checks.run_checks(run_dir)
+    if as_json:
+        import json
+
+        typer.echo(json.dumps([f.to_dict() for f in findings], indent=2))
+    else:
+        style = {"ok": "green", "info": "cyan", "warn": "yellow", "fail": "bold red"}
+        console = _console()
+        for f in findings:
+            console.print(f"[{style[f.level]}]{f.level.upper():4}[/] "
+                          f"[bold]{escape(f.check)}[/]: {escape(f.found)}")
+            if f.advice:
+                console.print(f"      -> {escape(f.advice)}")
+    if any(f.level == checks.FAIL for f in findings):
+        raise typer.Exit(1)
 
 
 def _syslog(e: Entry, follow: bool, lines: int | None) -> None:

@@ -55,6 +55,13 @@ def human_age(seconds: float | None) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
+def human_seconds(seconds: float | None) -> str:
+    """``0.65s`` below a minute, else as ``human_age``; ``-`` when unknown."""
+    if seconds is None:
+        return "-"
+    return f"{seconds:.2f}s" if seconds < 60 else human_age(seconds)
+
+
 def local_time(t: float | None) -> str:
     """``YYYY-MM-DD HH:MM:SS`` local time, ``-`` when unknown."""
     if t is None:
@@ -78,29 +85,39 @@ def entries_json(entries: list[Entry], now: float) -> str:
 
 
 def list_table(entries: list[Entry], now: float) -> Table:
-    """One row per entry: the ``prefork-ctl list`` table."""
+    """One row per entry: the ``prefork-ctl list`` table.  VIA, CWD and INTERP tell apart
+    servers of one program (started as a script, through ``prefork-server`` or one of its
+    ``--wrap`` wrappers, by the C client, in another directory, with ``--any-cwd``, by
+    another interpreter); IDLE and SERVED come from the server's own record of its calls."""
     short = discover.short_idents(entries)
     table = Table(title=f"prefork servers in {_home(entries[0].run_dir)}" if entries else None,
                   title_justify="left", header_style="bold")
     for name, justify in (("IDENT", "left"), ("STATE", "left"), ("PID", "right"),
-                          ("SCRIPT", "left"), ("INTERP", "left"), ("UP", "right"),
-                          ("IDLE", "right"), ("CALLS", "right"), ("RSS", "right"),
-                          ("PSS", "right"), ("USS", "right")):
-        wrap = name == "SCRIPT"
+                          ("SCRIPT", "left"), ("VIA", "left"), ("CWD", "left"),
+                          ("INTERP", "left"), ("UP", "right"), ("IDLE", "right"),
+                          ("RUN", "right"), ("SERVED", "right"), ("SAVED", "right"),
+                          ("RSS", "right"), ("PSS", "right"), ("USS", "right")):
+        wrap = name in ("SCRIPT", "VIA", "CWD", "INTERP")
         table.add_column(name, justify=justify, no_wrap=not wrap,  # type: ignore[arg-type]
                          overflow="fold" if wrap else "ellipsis")
     for e in entries:
         srv = e.server
         idle = e.idle_seconds(now) if e.state == discover.LIVE else None
+        served = e.stat_number("calls")
+        saved = e.saved_seconds()
         table.add_row(
             short[e.ident],
             Text(e.state, style=STATE_STYLE.get(e.state, "")),
             str(srv.pid) if srv else "-",
             escape(_home(e.script_path or e.script)),
-            escape(_interp(e)),
+            escape(via_text(e)),
+            escape("(any)" if e.any_cwd else _home(e.cwd or _stat_str(e, "cwd"))),
+            escape(_home(_stat_str(e, "executable") or e.interpreter)),
             human_age(now - srv.create_time) if srv else "-",
             ("busy" if e.calls else human_age(idle)) if srv else "-",
             str(e.calls) if srv else "-",
+            "-" if served is None else str(int(served)),
+            human_seconds(saved),
             human_bytes(srv.rss) if srv else "-",
             human_bytes(srv.pss) if srv else "-",
             human_bytes(srv.uss) if srv else "-",
@@ -108,10 +125,35 @@ def list_table(entries: list[Entry], now: float) -> Table:
     return table
 
 
-def _interp(e: Entry) -> str:
-    if e.interpreter is None:
-        return "-"
-    return os.path.basename(e.interpreter)
+def via_text(e: Entry) -> str:
+    """How the entry's script runs and who started it: ``script``, ``prefork-server`` or
+    ``wrapper for PROGRAM``; then ``C client`` if the reference client started it, and
+    ``any cwd`` for ``--any-cwd``."""
+    parts = [e.via or ("perl script" if e.side == "perl" else "-")]
+    if e.client == "prefork-interp (C)":
+        parts.append("C client")
+    if e.any_cwd:
+        parts.append("any cwd")
+    return ", ".join(parts)
+
+
+def _stat_str(e: Entry, key: str) -> str | None:
+    value = (e.stats or {}).get(key)
+    return value if isinstance(value, str) else None
+
+
+def calls_text(e: Entry) -> str:
+    """The server's own record of its calls (``p<IDENT>.stat``), in a line."""
+    n, failed = e.stat_number("calls"), e.stat_number("failed")
+    setup, saved = e.stat_number("setup_seconds"), e.saved_seconds()
+    text = (f"calls served: {int(n or 0)} ({int(failed or 0)} failed); setup took "
+            f"{setup or 0:.2f}s, so about {human_seconds(saved)} saved")
+    last = e.stat_number("last_call")
+    if last is not None:
+        stats = e.stats or {}
+        text += (f"; last call {local_time(last)}: {escape(str(stats.get('last_argv0')))} "
+                 f"{stats.get('last_status')} in {(e.stat_number('last_seconds') or 0):.3f}s")
+    return text
 
 
 def show_tree(e: Entry, now: float) -> Tree:
@@ -128,13 +170,19 @@ def show_tree(e: Entry, now: float) -> Tree:
         facts.add(f"{label}: {escape(path)}" + ("" if exists else " [dim](absent)[/]"))
     if e.born is not None:
         facts.add(f"socket born {local_time(e.born)}, last used {local_time(e.last_used)}")
+    if e.stats is not None:
+        facts.add(calls_text(e))
     if e.server is not None:
         about = tree.add("[bold]script[/]")
         about.add(f"script: {escape(e.script or '?')}"
                   + (f" ({escape(e.script_path)})" if e.script_path else ""))
         about.add(f"cwd: {escape(e.cwd or '?')}")
-        about.add(f"interpreter: {escape(e.interpreter or '?')} (side: {e.side or '?'})")
-        about.add(f"started by: {e.client or 'unknown client'}; calls running: {e.calls}")
+        about.add(f"interpreter: {escape(_stat_str(e, 'executable') or e.interpreter or '?')} "
+                  f"(side: {e.side or '?'})")
+        about.add(f"started by: {e.client or 'unknown client'}; runs as: {escape(via_text(e))}"
+                  + ("" if e.any_cwd is None else
+                     f"; --any-cwd: {'yes' if e.any_cwd else 'no'}"))
+        about.add(f"calls running: {e.calls}")
         _add_proc(tree, e.server, now)
     if e.watcher is not None:
         node = _add_proc(tree, e.watcher, now)

@@ -42,6 +42,7 @@ from prefork.common.consts import DELIVERABLE_SIGNALS
 from prefork.server import executor
 from prefork.server.autoreload import Autoreload
 from prefork.server.spare import become_spare
+from prefork.server.stats import CallStats
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -139,6 +140,7 @@ class Server:
         self.spare_pids: set[int] = set()
         self.call_ended = False
         self.reap_due = False
+        self.stats = CallStats.for_socket(listen_sock.getsockname(), birth_ns, log)
 
     # ------------------------------------------------------------ set-up
 
@@ -191,6 +193,8 @@ class Server:
         return max(0.0, min(deadlines) - now)
 
     def _step(self) -> None:
+        if self.stats is not None:
+            self.stats.flush()  # calls ended in the last turn: after the spare's fork
         if self.quitting is not None and not self.calls and not self.by_pid \
                 and not self.spare_pids:
             self.log.info(f"quitting: {self.quitting}")
@@ -497,6 +501,8 @@ class Server:
         call.pid = pid
         call.extended = req.extended
         self.by_pid[pid] = call
+        if self.stats is not None:
+            self.stats.call_started(pid, req)
         if self._full():
             self._set_accepting(False)
         if req.extended:
@@ -654,3 +660,5 @@ class Server:
             call.kill_at = None
             if not self._full():
                 self._set_accepting(True)
+            if self.stats is not None:
+                self.stats.call_ended(pid, status)
