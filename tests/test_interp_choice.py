@@ -2,7 +2,8 @@
 
 The quickstart's ``#!/path/to/repo/.venv/bin/prefork-interp -U,/path/to/repo/.venv/bin/python3``
 works without the venv activated.  A bare name (``-U,python3``) is looked up on ``PATH``, as
-the reference does and as a direct run would (``prefork/client/interp.py``).  When setup fails, the client says which interpreter ran (path, how it was
+the reference does and as a direct run would (``prefork/client/interp.py``).  When setup
+fails, the client says which interpreter ran (path, how it was
 found, version), whether it can import prefork, and names one that can.
 """
 

@@ -77,7 +77,7 @@ def preload(root: str, names: "tuple[str, ...]" = HOT_MODULES) -> "list[str]":
         module.__spec__ = spec
         module.__loader__ = loader
         module.__file__ = source
-        module.__cached__ = cached
+        module.__cached__ = cached  # type: ignore[attr-defined]
         module.__package__ = name if package else name.rpartition(".")[0]
         if package:
             spec.submodule_search_locations = [directory]
@@ -99,4 +99,4 @@ def run(root: str) -> None:
     preload(root)
     from prefork.client.main import main
 
-    sys.exit(main())
+    main()

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, replace
 import psutil
 
 from prefork.common import consts, paths
-from prefork.common.ident import compute_ident, lock_path, log_path, socket_path
+from prefork.common.ident import RunDirError, compute_ident, lock_path, log_path, socket_path
 from prefork.ctl import kernel
 
 TYPE_CHECKING = False
@@ -415,7 +415,7 @@ def _any_cwd(e: Entry, stats: dict[str, object] | None) -> bool | None:
         if compute_ident(e.run_dir, interp, script_b, [], cwd=cwd,
                                extra=extra) == e.ident:
             return False
-    except (OSError, ValueError, paths.RunDirError):
+    except (OSError, ValueError, RunDirError):
         return None
     return None
 

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 
 from prefork.client.launcher import ENTRY_LINE, FAST_MARK, why_not_fast
 from prefork.common import paths
+from prefork.common.ident import RunDirError
 
 OK, INFO, WARN, FAIL = "ok", "info", "warn", "fail"
 LEVELS = (OK, INFO, WARN, FAIL)
@@ -161,7 +162,7 @@ def check_run_dir(run_dir: str | None) -> list[Finding]:
         else:
             base, reason = os.path.abspath(run_dir), None
             paths.check_run_dir(base)
-    except paths.RunDirError as e:
+    except RunDirError as e:
         return [Finding("run directory", FAIL, str(e),
                         "fix its owner and mode (0700), or set PREFORK_INTERP_RUNDIR to a "
                         "private directory")]
