@@ -39,6 +39,8 @@ SOCKET_PREFIX = "s"
 LOCK_PREFIX = "l"
 LOG_PREFIX = "p"
 LOG_SUFFIX = ".log"
+#: What a server learned from calls (``prefork.server.learn``), ``p<IDENT>.learned``.
+LEARNED_SUFFIX = ".learned"
 
 
 def socket_name(ident: str) -> str:
