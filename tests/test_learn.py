@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-from harness import CLIENT, PYTHON, VENV_BIN, ProcRegistry, wait_for
+from harness import CLIENT, PYTHON, REPO, VENV_BIN, ProcRegistry, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -160,3 +162,56 @@ def test_atexit_undoing_setup_state(tmp_path: Path, rundir: str, env: dict[str, 
     # The server runs the deferred handler when it quits.
     assert procs.run([CLIENT, "--kill", "-U", "prefork-server", script], env=env)[0] == 0
     wait_for(lambda: not os.listdir(state), what="the server's atexit handler at its exit")
+
+
+# ------------------------------------------------------------------ ansible (the real case)
+
+ANSIBLE_VENV = Path(f"/tmp/prefork-tests-ansible-py{sys.version_info[0]}{sys.version_info[1]}")
+
+
+@pytest.fixture(scope="session")
+def ansible_bin() -> Path:
+    """ansible-core in a venv of its own (installed once, from PyPI, and kept for later
+    runs); the test is skipped, saying why, when it cannot be installed here."""
+    bin_dir = ANSIBLE_VENV / "bin"
+    if not (bin_dir / "ansible-playbook").exists():
+        try:
+            subprocess.run([sys.executable, "-m", "venv", ANSIBLE_VENV], check=True,
+                           capture_output=True, timeout=120)
+            subprocess.run([bin_dir / "pip", "install", "-q", "ansible-core"], check=True,
+                           capture_output=True, timeout=600)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
+            pytest.skip(f"cannot install ansible-core from PyPI here: {e}")
+    return bin_dir
+
+
+@pytest.mark.timeout(600)
+def test_ansible_calls_after_the_first(ansible_bin: Path, tmp_path: Path, rundir: str,
+                                       env: dict[str, str], procs: ProcRegistry) -> None:
+    """ansible makes ansible-local-<pid> at import and removes it at exit: every call
+    through prefork-server gives what a direct run gives (not 250 / 2 after the first)."""
+    env = {**env, "ANSIBLE_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO),
+           "ANSIBLE_NOCOLOR": "1"}
+    out = tmp_path / "out.txt"
+    play = tmp_path / "play.yml"
+    play.write_text(textwrap.dedent(f"""\
+        - hosts: localhost
+          connection: local
+          gather_facts: false
+          tasks:
+            - copy:
+                content: "hello\\n"
+                dest: {out}
+    """))
+    helper = [CLIENT, f"-U,{ansible_bin / 'python'},-m,prefork.server"]
+    doc = [ansible_bin / "ansible-doc", "-l"]
+    want = procs.run(doc, env=env, timeout=120)
+    assert want[0] == 0 and b"copy" in want[1]
+    for _ in range(3):
+        assert procs.run([*helper, *doc], env=env, timeout=120) == want
+    playbook = [ansible_bin / "ansible-playbook", play]
+    direct = [procs.run(playbook, env=env, cwd=tmp_path, timeout=120) for _ in range(2)]
+    out.unlink()
+    warm = [procs.run([*helper, *playbook], env=env, cwd=tmp_path, timeout=120)
+            for _ in range(2)]
+    assert warm == direct and direct[0][0] == 0 and b"changed=1" in direct[0][1]
