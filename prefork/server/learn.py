@@ -23,7 +23,7 @@ Three sides:
   server with the same identity, which then starts warm (after one probe of the lot).
 
 Setup-time side effects that an ``atexit`` handler undoes (``SetupEffects``): the runner
-records the ``atexit`` handlers and the paths (directories, created files) its setup made;
+records the ``atexit`` handlers its setup registered and the existing paths they name;
 after every call the server checks those paths: one removed by a call (an ``atexit``
 handler registered at setup, run at the end of every executor, undid the server's own
 state) makes the server quit before it answers that call -- the next call starts a fresh
@@ -412,8 +412,11 @@ def state_path(log_path: str) -> str:
 
 
 class SetupEffects:
-    """The ``atexit`` handlers and the paths the setup registered and created (recorded by
-    the runner around its preload with ``start``/``stop``), checked after every call."""
+    """The ``atexit`` handlers the setup registered (recorded by the runner around its
+    preload with ``start``/``stop``), and the paths they would remove: the existing files
+    and directories named by their arguments, defaults or closures (``shutil.rmtree,
+    STATE``; ansible's ``cleanup_tmp_file, path``), checked after every call.  (No audit
+    hook: it would stay, and cost every audited event of every call.)"""
 
     def __init__(self) -> None:
         #: (function, args, kwargs) as registered.
@@ -423,26 +426,11 @@ class SetupEffects:
         self._recording = False
         self._original_register: Callable[..., object] | None = None
 
-    def _audit(self, event: str, args: tuple[object, ...]) -> None:
-        if not self._recording:
-            return
-        path: object = None
-        if event in ("os.mkdir", "tempfile.mkdtemp", "tempfile.mkstemp"):
-            path = args[0] if args else None
-            if event == "os.mkdir" and len(args) > 2 and args[2] not in (None, -100):
-                return
-        elif event == "open" and len(args) >= 3 and isinstance(args[2], int) \
-                and args[2] & os.O_CREAT:
-            path = args[0]
-        if isinstance(path, (str, bytes)) and len(self.paths) < 64:
-            self.paths.append(os.path.abspath(os.fsdecode(path)))
-
     def start(self) -> None:
-        """Begin recording (the audit hook stays, idle, for the life of the process)."""
+        """Begin recording ``atexit.register`` calls."""
         import atexit
 
         self._recording = True
-        sys.addaudithook(self._audit)
         self._original_register = original = atexit.register
 
         def recording(func: Callable[..., object], *args: object, **kwargs: object) -> object:
@@ -453,17 +441,28 @@ class SetupEffects:
         atexit.register = recording  # type: ignore[assignment]
 
     def stop(self) -> None:
-        """End recording: keep the paths that still exist, put ``atexit.register`` back."""
+        """End recording, put ``atexit.register`` back, find the handlers' paths."""
         import atexit
 
         self._recording = False
         if self._original_register is not None:
             atexit.register = self._original_register  # type: ignore[assignment]
         seen: dict[str, None] = {}
-        for p in self.paths:
-            if os.path.lexists(p):
-                seen.setdefault(p, None)
-        self.paths = list(seen)
+        for func, args, kwargs in self.unsafe_handlers():
+            values: list[object] = [*args, *kwargs.values()]
+            values += list(getattr(func, "__defaults__", None) or ())
+            for cell in getattr(func, "__closure__", None) or ():
+                try:
+                    values.append(cell.cell_contents)
+                except ValueError:
+                    continue
+            for value in values:
+                raw = os.fspath(value) if isinstance(value, os.PathLike) else value
+                if isinstance(raw, (str, bytes)) and len(raw) < 4096:
+                    path = os.fsdecode(raw)
+                    if os.path.isabs(path) and os.path.lexists(path) and path != "/":
+                        seen.setdefault(path, None)
+        self.paths = list(seen)[:64]
 
     def unsafe_handlers(self) -> list[tuple[Callable[..., object], tuple[object, ...],
                                             dict[str, object]]]:
@@ -475,7 +474,7 @@ class SetupEffects:
         return f"atexit handler(s) registered during setup: {names}"
 
     def removed(self) -> list[str]:
-        """The setup's paths that are gone now."""
+        """The handlers' paths that are gone now."""
         return [p for p in self.paths if not os.path.lexists(p)]
 
 
