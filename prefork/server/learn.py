@@ -209,6 +209,12 @@ def _hazards(before: tuple[int, set[str], int, list[object], dict[str, str], str
         why.append("changed the environment")
     if now[5] != cwd:
         why.append("changed the working directory")
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()  # block-buffered (not a terminal): what it holds counts too
+        except (OSError, ValueError):
+            pass
     if os.fstat(out_fd).st_size > out_before:
         why.append("wrote output (it would be lost: the server's stdio is /dev/null)")
     return why
