@@ -94,6 +94,10 @@ def test_learns_safe_modules_and_regexes(program: Path, rundir: str, env: dict[s
     assert "goodmod" in entry["learned"]["learned"]
     assert "thread" in entry["learned"]["refused"]["thr"]
     assert entry["learned"]["regexes"] >= 1
+    code, out, err = procs.run([CTL, "show", str(program)], env={**env, "COLUMNS": "200"})
+    assert code == 0, err
+    assert b"modules learned: " in out and b"goodmod" in out
+    assert b"thr: left 1 thread(s) running" in out
 
     # A fresh server of the same identity starts warm: its first call has them already.
     fresh = procs.run([CLIENT, "-f", "-U", "prefork-server", program], env=env)
