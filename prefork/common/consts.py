@@ -39,7 +39,10 @@ SOCKET_PREFIX = "s"
 LOCK_PREFIX = "l"
 LOG_PREFIX = "p"
 LOG_SUFFIX = ".log"
+#: Our server's record of its calls (``prefork.server.stats``), ``p<IDENT>.stat``.
 STAT_SUFFIX = ".stat"
+#: What a server learned from calls (``prefork.server.learn``), ``p<IDENT>.learned``.
+LEARNED_SUFFIX = ".learned"
 
 #: Second or third line of a ``prefork-server --wrap`` wrapper: the program it stands for.
 WRAP_MARKER = b"# prefork-server-wrap: "

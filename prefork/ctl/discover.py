@@ -695,3 +695,25 @@ def short_idents(entries: list[Entry], minimum: int = 12) -> dict[str, str]:
 def now() -> float:
     """Wall-clock time, the scale of create_time and file times."""
     return time.time()
+
+
+def read_learned(e: Entry) -> dict[str, object] | None:
+    """What the server of ``e`` learned from calls (``p<IDENT>.learned``, written by
+    ``prefork.server.learn``): learned modules, refused ones with the reason, regexes
+    compiled, setup paths a call removed; None if there is no such file (or unreadable)."""
+    import json
+
+    from prefork.common.consts import LEARNED_SUFFIX
+
+    path = os.path.join(e.run_dir, f"p{e.ident}{LEARNED_SUFFIX}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    return {"path": path, "learned": list(data.get("learned") or []),
+            "refused": dict(data.get("refused") or {}),
+            "regexes": len(data.get("regexes") or []),
+            "undone": list(data.get("undone") or [])}

@@ -193,11 +193,17 @@ def show(target: TargetArg, run_dir: RunDirOpt = None, as_json: JsonOpt = False)
     chosen = _select(entries, base, target)
     now = discover.now()
     if as_json:
-        typer.echo(render.entries_json(chosen, now))
+        import json
+
+        typer.echo(json.dumps([{**e.to_dict(now), "learned": discover.read_learned(e)}
+                               for e in chosen], indent=2))
         return
     console = _console()
     for e in chosen:
         console.print(render.show_tree(e, now))
+        info = discover.read_learned(e)
+        if info is not None:
+            console.print(render.learned_tree(info))
 
 
 @app.command()

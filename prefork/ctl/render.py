@@ -19,6 +19,8 @@ from prefork.ctl import discover
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from prefork.ctl.discover import Entry, ProcInfo
 
 STATE_STYLE = {discover.LIVE: "green", discover.DRAINING: "yellow",
@@ -209,3 +211,20 @@ def _add_proc(parent: Tree, p: ProcInfo, now: float) -> Tree:
     for child in p.children:
         _add_proc(node, child, now)
     return node
+
+
+def learned_tree(info: dict[str, Any]) -> Tree:
+    """``prefork-ctl show``: what the server learned from calls, and what it refused."""
+    learned, refused = info["learned"], info["refused"]
+    tree = Tree(f"[bold]learned from calls[/] ({escape(info['path'])})")
+    node = tree.add(f"modules learned: {len(learned)}")
+    for name in learned:
+        node.add(escape(name))
+    node = tree.add(f"modules refused: {len(refused)}")
+    for name, why in sorted(refused.items()):
+        node.add(f"{escape(name)}: [yellow]{escape(why)}[/]")
+    tree.add(f"regular expressions compiled: {info['regexes']}")
+    for path in info["undone"]:
+        tree.add(f"[yellow]a call removed {escape(path)}, made during setup[/]: the setup's "
+                 "atexit handlers run only when the server exits")
+    return tree

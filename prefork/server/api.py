@@ -71,6 +71,12 @@ def initialisation_complete(**options: Any) -> None:
 
         if not fast:
             fastexit.full_teardown_at_exit()
+            if config.learn:
+                import atexit
+
+                from prefork.server import learn
+
+                atexit.register(learn.report)
     except PreforkSetupError as e:
         _fail(str(e))
 
@@ -200,6 +206,7 @@ def _serve(config: ServerConfig) -> bool:
     import locale  # noqa: F401 - for executors (see below)
 
     from prefork.server import autoreload as ar
+    from prefork.server import fastexit, learn
     from prefork.server.log import ServerLog
     from prefork.server.loop import Server
 
@@ -223,12 +230,16 @@ def _serve(config: ServerConfig) -> bool:
     _daemonise()
     try:
         _detach(config.script)
+        learner = learn.Learner(learn.state_path(ends.log_path), log, learn=config.learn)
+        learner.start(reload)
+        if config.learn:
+            fastexit.before_exit.append(learn.report)
         server = Server(listen_sock=ends.listen_sock, call_sock=ends.call_sock,
                         watch_in_fd=spec.watch_in, watch_err_fd=spec.watch_err,
                         birth_ns=spec.birth_ns, log=log, max_servers=config.max_servers,
                         idle_timeout=config.idle_timeout, autoreload=reload,
                         saved_signals=saved, keep_fds=ends.keep_fds, script=config.script,
-                        prctl=prctl, set_title=_title)
+                        prctl=prctl, set_title=_title, learner=learner)
         fast = _freeze_heap(config.fast_exit, libc)
         # Kept referenced for good: in an executor, run() returns and dropping the server
         # would free its objects one by one (every one written to, so copied).

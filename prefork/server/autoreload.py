@@ -74,6 +74,7 @@ class Autoreload:
         self.files = list(seen)
         self.unwatched = self.files
         self.inotify_fd = -1
+        self._add: Callable[[int, bytes, int], int] | None = None
         if use_inotify:
             self._watch()
         self._dirty = True  # check everything once: a file may have changed before the watch
@@ -83,11 +84,23 @@ class Autoreload:
         if got is None:
             return
         self.inotify_fd, add = got
+        self._add = add
         unwatched = []
         for f in self.files:
             if add(self.inotify_fd, os.fsencode(f), _MASK) < 0:
                 unwatched.append(f)
         self.unwatched = unwatched
+
+    def add_files(self, files: Iterable[str]) -> None:
+        """Check these files too (modules the server learned after it started)."""
+        known = set(self.files)
+        new = [p for p in dict.fromkeys(os.path.abspath(f) for f in files) if p not in known]
+        self.files = [*self.files, *new]
+        for f in new:
+            if self._add is None or self.inotify_fd < 0 \
+                    or self._add(self.inotify_fd, os.fsencode(f), _MASK) < 0:
+                self.unwatched = [*self.unwatched, f]
+        self._dirty = True
 
     def fileno(self) -> int:
         """The inotify fd (-1 if none); the server closes it in executors."""

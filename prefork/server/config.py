@@ -76,7 +76,7 @@ class ServerConfig:
     ``initialisation_complete()``'s keywords (see ``options``).
     """
 
-    __slots__ = ("autoreload", "fast_exit", "idle_timeout", "log", "max_servers",
+    __slots__ = ("autoreload", "fast_exit", "idle_timeout", "learn", "log", "max_servers",
                  "reload_paths", "script", "spec")
 
     spec: envspec.EnvSpec
@@ -87,6 +87,7 @@ class ServerConfig:
     reload_paths: tuple[str, ...]
     log: str | None
     fast_exit: bool
+    learn: bool
 
     def __init__(self, spec: envspec.EnvSpec, script: str, also_check: Iterable[str] = (),
                  **options: Any) -> None:
@@ -101,7 +102,8 @@ class ServerConfig:
     @staticmethod
     def options(*, max_servers: int = 4, idle_timeout: float | None = 3600.0,
                 autoreload: bool = True, autoreload_extra: Iterable[str] = (),
-                log: str | None = None, fast_exit: bool = True) -> dict[str, Any]:
+                log: str | None = None, fast_exit: bool = True,
+                learn: bool = False) -> dict[str, Any]:
         """``initialisation_complete()``'s keywords, checked (``ConfigError``; an unknown
         keyword is a ``TypeError``, as for any call) and normalised.
 
@@ -111,14 +113,19 @@ class ServerConfig:
         of ``autoreload_extra`` changes.  ``log``: None (syslog if /dev/log exists, else
         ``p<IDENT>.log`` in the run directory), "syslog", "file", "stderr" or a file path.
         ``fast_exit``: end each call without tearing down the inherited heap (Python 3.12+;
-        see ``prefork.server.fastexit``).
+        see ``prefork.server.fastexit``).  ``learn``: after each call, import in the server
+        the modules the call imported (if fork-safe) and compile its regexes, remembered for
+        the next server of this identity (``prefork.server.learn``); off by default for a
+        script, whose own setup decides what its server holds (``prefork-server`` turns it
+        on).
         """
         return {"max_servers": _max_servers(max_servers),
                 "idle_timeout": _idle_timeout(idle_timeout),
                 "autoreload": bool(autoreload),
                 "autoreload_extra": _reload_paths(autoreload_extra),
                 "log": _log(log),
-                "fast_exit": bool(fast_exit)}
+                "fast_exit": bool(fast_exit),
+                "learn": bool(learn)}
 
     @classmethod
     def from_contract(cls, value: str, script: str, also_check: Iterable[str] = (),

@@ -55,6 +55,7 @@ import weakref
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from types import CodeType, TracebackType
     from typing import Any
 
@@ -355,6 +356,10 @@ def _release_main_globals() -> None:
     gc.collect()
 
 
+#: Called last in ``finish()`` (never raising, never blocking): e.g. ``learn.report``.
+before_exit: list[Callable[[], None]] = []
+
+
 def finish(status: int | None, exc: BaseException | None) -> None:
     """Exit the executor now, doing what the rest of ``Py_RunMain`` does that anyone can
     observe, in its order, but without tearing the heap down:
@@ -385,6 +390,8 @@ def finish(status: int | None, exc: BaseException | None) -> None:
         # What the teardown printed: at this point of a direct run sys.stdout is gone, and
         # the streams' own deallocation flushes them, failures unreported.
         _flush_io()
+        for hook in before_exit:
+            hook()
     except BaseException:  # noqa: BLE001 - whatever happens, this process ends here
         if status is None:
             status = 1

@@ -48,6 +48,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping
 
+    from prefork.server.learn import Learner
     from prefork.server.log import ServerLog
     from prefork.server.spare import Closable
 
@@ -108,7 +109,8 @@ class Server:
                  max_servers: int, idle_timeout: float | None, autoreload: Autoreload | None,
                  saved_signals: Mapping[int, object], keep_fds: set[int], script: str,
                  prctl: Callable[..., int] | None,
-                 set_title: Callable[[str], None] | None = None) -> None:
+                 set_title: Callable[[str], None] | None = None,
+                 learner: Learner | None = None) -> None:
         self.listen_sock: socket.socket | None = listen_sock
         self.first_call_sock = call_sock
         self.watch_in_fd = watch_in_fd
@@ -123,6 +125,8 @@ class Server:
         self.script = script
         self.prctl = prctl
         self.set_title = set_title
+        #: Learns from calls, checks the setup's side effects (prefork.server.learn).
+        self.learner = learner
         self.server_pid = os.getpid()
         self.calls: dict[socket.socket, Call] = {}
         self.by_pid: dict[int, Call] = {}
@@ -198,6 +202,8 @@ class Server:
         if self.quitting is not None and not self.calls and not self.by_pid \
                 and not self.spare_pids:
             self.log.info(f"quitting: {self.quitting}")
+            if self.learner is not None:
+                self.learner.server_exit()
             os._exit(0)
         now = time.monotonic()
         events = self.sel.select(self._timeout(now))
@@ -216,6 +222,9 @@ class Server:
         # a big heap) would hold up the server's reply to it, on the same few cores.
         if self.spare is None and (self.call_ended or not self.by_pid):
             self.call_ended = False
+            if self.learner is not None and not self.by_pid and self.quitting is None \
+                    and self.learner.due():
+                self.learner.step()  # between calls, before the next spare: it inherits
             self._fork_spare()
 
     def _drain_wakeups(self) -> None:
@@ -609,6 +618,8 @@ class Server:
             yield self.listen_sock
         yield self.sel
         yield self.log
+        if self.learner is not None:
+            yield self.learner
 
     def _reaped_spare(self, pid: int, status: int) -> None:
         """A spare that had no call stopped, went on, or ended."""
@@ -647,6 +658,10 @@ class Server:
                 continue
             del self.by_pid[pid]
             self.call_ended = True
+            if self.learner is not None:
+                undone = self.learner.after_call()
+                if undone is not None:
+                    self._begin_quit(undone)  # before the answer: the next call restarts
             self.last_activity = time.monotonic()
             if os.WIFSIGNALED(status) and os.WTERMSIG(status) not in (
                     signal.SIGPIPE, signal.SIGINT, signal.SIGKILL) and call.kill_at is None:

@@ -26,9 +26,12 @@ def serve(script: Script, opts: argparse.Namespace) -> None:
     call and end it (3.12+: the fast exit, from here; 3.11: returns, for the interpreter's
     own shutdown)."""
     import prefork
-    from prefork.server import fastexit
+    from prefork.server import fastexit, learn
 
     module = enter(script, opts.args)
+    # The atexit handlers and paths the setup makes: a call's atexit must not undo them.
+    effects = learn.setup_effects = learn.SetupEffects()
+    effects.start()
     capture = Capture()
     try:
         try:
@@ -41,11 +44,12 @@ def serve(script: Script, opts: argparse.Namespace) -> None:
                 capture.rewind(mark)
     finally:
         captured = capture.finish()
+        effects.stop()
     # This frame ends every executor itself (fastexit.finish below): no sys.monitoring
     # event is armed, so the script's code runs at direct speed (3.12+).
     fastexit.caller_exits()
     prefork.initialisation_complete(
-        autoreload_extra=[*script.reload_paths(), *opts.reload_also])
+        autoreload_extra=[*script.reload_paths(), *opts.reload_also], learn=not opts.no_learn)
     # In the executor.
     if not fastexit.AVAILABLE:
         _call(script, module, captured)  # ends with the interpreter's own shutdown
@@ -108,6 +112,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="also import MODULE in setup (repeatable)")
     p.add_argument("--no-preload", action="store_true",
                    help="do not import the script's own imports in setup")
+    p.add_argument("--no-learn", action="store_true",
+                   help="do not learn from calls (modules they import, regexes they compile)")
     p.add_argument("--reload-also", action="append", default=[], metavar="PATH",
                    help="restart the server when PATH changes too (repeatable)")
     p.add_argument("--explain", action="store_true",
@@ -164,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         if opts.wrap is not None:
             passed = [w for m in opts.preload for w in ("--preload", m)]
             passed += ["--no-preload"] if opts.no_preload else []
+            passed += ["--no-learn"] if opts.no_learn else []
             passed += [w for p in opts.reload_also for w in ("--reload-also", p)]
             sys.stdout.write(make_wrapper(opts.wrap, opts.client, passed))
             return 0
