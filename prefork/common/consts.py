@@ -54,3 +54,8 @@ def lock_name(ident: str) -> str:
 def log_name(ident: str) -> str:
     """Our server's log file, ``p<IDENT>.log``."""
     return LOG_PREFIX + ident + LOG_SUFFIX
+
+#: The run directory's shared watcher (``prefork-watcher --shared``): its socket, and the
+#: lock under which one is started or retired.
+WATCHER_SOCKET_NAME = "pwatcher.sock"
+WATCHER_LOCK_NAME = "pwatcher.lock"
