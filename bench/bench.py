@@ -14,6 +14,9 @@ that machine noise hits both sides; medians of many repetitions.  Sections:
 (g) ``Autoreload.stale()`` with 2,000 files, in-process (inotify, and stat-only for contrast)
 (h) an exception-heavy loop timed inside the script: direct vs warm (prefork-server, and a
     script calling initialisation_complete())
+(i) scale: 1, 10 and 100 idle servers of trivial scripts, ours (our client) vs the reference
+    (C client + Perl server): PSS and USS of all their processes, processes per server,
+    inotify instances and watches; a warm call with 100 servers alive
 
 Each section works in its own short directory under /tmp (scripts, cwd, run directory) and
 stops its servers at the end (``--kill``), then checks that no process referring to that
@@ -740,6 +743,164 @@ def bench_autoreload(res: Results, reps: int) -> None:
     res.add(s, "an edit is reported", "yes")
 
 
+SCALE_COUNTS = (1, 10, 100)
+#: The Perl server's idle timeout is 1,000,000 s; ours drops its spare after SPARE_IDLE s.
+SCALE_SETTLE = float(os.environ.get("BENCH_SCALE_SETTLE") or 60.0)
+
+
+def smaps_rollup(pid: int) -> tuple[int, int]:
+    """(PSS, USS) of ``pid`` in KiB, from /proc/PID/smaps_rollup (0, 0 if it is gone)."""
+    pss = uss = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key == "Pss":
+                    pss = int(rest.split()[0])
+                elif key in ("Private_Clean", "Private_Dirty"):
+                    uss += int(rest.split()[0])
+    except OSError:
+        pass
+    return pss, uss
+
+
+def inotify_use(pid: int) -> tuple[int, int]:
+    """(inotify instances, watches) held by ``pid``."""
+    instances = watches = 0
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return 0, 0
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:inotify":
+                continue
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                watches += sum(1 for line in f if line.startswith("inotify wd:"))
+            instances += 1
+        except OSError:
+            continue
+    return instances, watches
+
+
+def _titles(pids: set[int]) -> list[str]:
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                out.append(f.read().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:
+            pass
+    return out
+
+
+@dataclass
+class ScaleFacts:
+    """What the idle processes of N servers cost, all together."""
+
+    servers: int
+    procs: int
+    pss_kib: int
+    uss_kib: int
+    instances: int
+    watches: int
+    spares: int
+
+
+def _measure(d: str, n: int) -> ScaleFacts:
+    pids = referring(d)
+    pss = uss = inst = watches = 0
+    for pid in pids:
+        p, u = smaps_rollup(pid)
+        i, w = inotify_use(pid)
+        pss, uss, inst, watches = pss + p, uss + u, inst + i, watches + w
+    spares = sum(1 for t in _titles(pids) if t.rstrip().endswith("[spare]"))
+    return ScaleFacts(n, len(pids), pss, uss, inst, watches, spares)
+
+
+def _settle(d: str, n: int, want_procs: int) -> None:
+    """Wait (at most SCALE_SETTLE s) until the servers' processes are down to their idle
+    set: ``want_procs`` processes (spares dropped, set-up processes gone)."""
+    deadline = time.monotonic() + SCALE_SETTLE
+    while time.monotonic() < deadline:
+        if len(referring(d)) <= want_procs:
+            return
+        time.sleep(0.5)
+
+
+def _scale_side(name: str, n: int, ours: bool, reps: int) -> tuple[ScaleFacts, float, float]:
+    """Start ``n`` trivial servers; their idle cost; warm-call ms of the first with one alive
+    and with all ``n`` alive."""
+    with section(f"i{name}{n}", uses_c_client=not ours) as sec:
+        env = dict(sec.env)
+        if ours:
+            # A regular install's cost: no editable-install finder in every process (the
+            # .pth of ``pip install -e`` imports pathlib and re: +2.4 MB per process).
+            site = output_of([PYTHON, "-c", "import site; print(site.getsitepackages()[0])"],
+                             env).strip()
+            env["PYTHONPATH"] = f"{REPO}{os.pathsep}{site}"
+            interp = [PYTHON, "-S"]
+            client = CLIENT
+            body = TRIVIAL_PY
+        else:
+            interp = [PERL]
+            client = C_CLIENT
+            body = TRIVIAL_PL
+        shebang = f"{client} -U," + ",".join(interp)
+        ext = "py" if ours else "pl"
+        scripts = [write_script(sec.dir, f"t{i:03d}.{ext}", shebang, body) for i in range(n)]
+        # Our client takes interpreter arguments in the combined form only (as in a #! line).
+        mode = ["-U," + ",".join(interp)] if ours else ["-U", *interp]
+        for sc in scripts:
+            if ours:
+                sec.kills.append([client, "--kill," + mode[0], sc])
+            else:
+                sec.server(C_CLIENT, PERL, sc)
+        ok = (0,) if ours else (0, signal.SIGINT)
+        first = Cmd([client, *mode, scripts[0]], env, sec.err, ok=ok)
+        one = med_ms(interleaved({"x": first}, reps)["x"])
+        for sc in scripts[1:]:
+            Cmd([client, *mode, sc], env, sec.err, ok=ok)()
+        # Idle: ours keeps the server (and the run directory's one shared watcher); the
+        # reference keeps the server and the C client's forked watcher.
+        per_server = 1 if ours else 2
+        _settle(sec.dir, n, per_server * n + (1 if ours else 0))
+        facts = _measure(sec.dir, n)
+        many = med_ms(interleaved({"x": first}, reps)["x"]) if n > 1 else one
+    return facts, one, many
+
+
+def bench_scale(res: Results, reps: int, counts: Sequence[int] = SCALE_COUNTS) -> None:
+    """(i): the idle cost of 1, 10 and 100 servers, ours vs the reference."""
+    s = "(i) idle servers of trivial scripts, all their processes"
+    for n in counts:
+        ours, one, many = _scale_side("o", n, True, reps)
+        ref, ref_one, ref_many = _scale_side("r", n, False, reps)
+        res.facts[f"h_pss_{n}"] = ours.pss_kib / 1024
+        res.facts[f"h_ref_pss_{n}"] = ref.pss_kib / 1024
+        ratio = ours.pss_kib / max(ref.pss_kib, 1)
+        res.add(s, f"{n} server(s): reference PSS (USS)",
+                f"{ref.pss_kib / 1024:.1f} MB ({ref.uss_kib / 1024:.1f} MB)")
+        res.add(s, f"{n} server(s): ours PSS (USS)",
+                f"{ours.pss_kib / 1024:.1f} MB ({ours.uss_kib / 1024:.1f} MB)",
+                f"{ratio:.2f}", "<= 1.0", verdict(ratio <= 1.0))
+        res.add(s, f"{n} server(s): per server, ours / reference",
+                f"{ours.pss_kib / 1024 / n:.2f} / {ref.pss_kib / 1024 / n:.2f} MB")
+        res.add(s, f"{n} server(s): processes per server, ours / reference",
+                f"{ours.procs / n:.2f} / {ref.procs / n:.2f}"
+                + (f" ({ours.spares} spare(s) left)" if ours.spares else ""))
+        res.add(s, f"{n} server(s): inotify instances (watches), ours / reference",
+                f"{ours.instances} ({ours.watches}) / {ref.instances} ({ref.watches})",
+                "", "ours <= 2", verdict(ours.instances <= 2))
+        if n == max(counts):
+            r = many / one
+            res.facts.update(h_warm_one=one, h_warm_many=many)
+            res.add(s, f"warm call, ours: 1 server alive / {n} alive",
+                    f"{one:.2f} / {many:.2f} ms", f"{r:.2f}", "<= 1.1", verdict(r <= 1.1))
+            res.add(s, f"warm call, reference: 1 server alive / {n} alive",
+                    f"{ref_one:.2f} / {ref_many:.2f} ms")
+
+
 # ------------------------------------------------------------------ output
 
 
@@ -955,7 +1116,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="few repetitions (a smoke test)")
     ap.add_argument("--no-write", action="store_true", help="do not write docs/")
-    ap.add_argument("--only", default="abcefgh", help="sections to run (default all: abcefgh; "
+    ap.add_argument("--only", default="abcefghi", help="sections to run (default all: abcefghi; "
                     "c includes d)")
     ns = ap.parse_args()
     for p in (PYTHON, CLIENT, C_CLIENT, PERL):
@@ -974,6 +1135,7 @@ def main() -> int:
         ("f", lambda: bench_concurrency(res, 1 if q else 3)),
         ("g", lambda: bench_autoreload(res, 200 if q else 5000)),
         ("h", lambda: bench_exceptions(res, 5 if q else 21)),
+        ("i", lambda: bench_scale(res, 20 if q else 200, (1, 10) if q else SCALE_COUNTS)),
     ]
     for name, step in steps:
         if name not in ns.only:
