@@ -1,17 +1,14 @@
-"""inotify(7) through ``_ctypes`` alone: one instance, watches added and removed, events decoded.
-
-The shared watcher stays resident for as long as any server of its run directory lives, so
-its size matters: the ``ctypes`` package builds dozens of classes at import (0.7 MB of
-heap); its C core ``_ctypes`` with the one argument/result type we need costs 0.1 MB.
-Arguments are passed as Python ``int`` and ``bytes`` (converted to C ``int`` and ``char *``
-by ``_ctypes`` itself); every function returns a C ``int``.
+"""inotify(7) without the ``ctypes`` package: one instance, watches added and removed,
+events decoded.  The shared watcher stays resident for as long as any server of its run
+directory lives, so its size matters (see ``prefork.common.cfunc``).
 """
 
 from __future__ import annotations
 
-import _ctypes
 import _struct
 import os
+
+from prefork.common import cfunc
 
 IN_MODIFY = 0x2
 IN_ATTRIB = 0x4
@@ -37,50 +34,16 @@ DIR_MASK = (IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_ATTRIB
 EVENT = _struct.Struct("=iIII")
 
 
-class _CInt(_ctypes._SimpleCData):  # type: ignore[misc, name-defined, type-arg, unused-ignore]
-    _type_ = "i"
-
-
-class _CFunc(_ctypes.CFuncPtr):  # type: ignore[misc, name-defined, unused-ignore]
-    _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
-    _restype_ = _CInt
-
-
-class _Program:
-    """What ``CFuncPtr((name, library))`` wants of a library: its ``dlopen`` handle."""
-
-    def __init__(self) -> None:
-        self._handle = _ctypes.dlopen(None, os.RTLD_NOW)  # type: ignore[arg-type, unused-ignore]  # the running program, libc in it
-
-
-_libc: _Program | None = None
-
-
-def _func(name: str) -> _CFunc:
-    global _libc
-    if _libc is None:
-        _libc = _Program()
-    return _CFunc((name, _libc))  # type: ignore[arg-type, unused-ignore]
-
-
-def malloc_trim() -> None:
-    """Give the heap's free pages back to the kernel (glibc; nothing elsewhere)."""
-    try:
-        _func("malloc_trim")(0)
-    except AttributeError:  # not glibc
-        pass
-
-
 class Inotify:
     """One inotify instance (non-blocking, close-on-exec)."""
 
     def __init__(self) -> None:
         """Open the instance; ``OSError`` (e.g. EMFILE: the per-user limit) if it cannot."""
-        self._add = _func("inotify_add_watch")
-        self._rm = _func("inotify_rm_watch")
-        fd = _func("inotify_init1")(IN_NONBLOCK | IN_CLOEXEC)
+        self._add = cfunc.function("inotify_add_watch")
+        self._rm = cfunc.function("inotify_rm_watch")
+        fd = cfunc.function("inotify_init1")(IN_NONBLOCK | IN_CLOEXEC)
         if fd < 0:
-            err = _ctypes.get_errno()
+            err = cfunc.errno()
             raise OSError(err, os.strerror(err))
         self.fd: int = fd
 
@@ -89,7 +52,7 @@ class Inotify:
         watched).  ``OSError`` if it cannot (ENOSPC: the per-user watch limit; ENOENT)."""
         wd: int = self._add(self.fd, os.fsencode(path), mask)
         if wd < 0:
-            err = _ctypes.get_errno()
+            err = cfunc.errno()
             raise OSError(err, os.strerror(err), path)
         return wd
 

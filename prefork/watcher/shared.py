@@ -39,7 +39,7 @@ import stat
 import sys
 import time
 
-from prefork.common import fdio, watchwire
+from prefork.common import cfunc, fdio, watchwire
 from prefork.common.consts import WATCHER_LOCK_NAME
 from prefork.watcher import inotify
 
@@ -442,8 +442,9 @@ def main(argv: list[str]) -> int:
     except (OSError, ValueError) as e:
         _say(str(e))
         return 1
+    ino = os.lstat(watchwire.socket_path(run_dir)).st_ino
     if not foreground:
-        _daemonise(run_dir, listen, notify, linger)
+        _daemonise(run_dir, listen, notify, linger, ino)
 
     def show(text: str) -> None:
         now = time.time()
@@ -455,7 +456,7 @@ def main(argv: list[str]) -> int:
         show(f"shared watcher of {run_dir} listening")
         reason = Shared(run_dir, listen, notify, linger, show).run()
     except KeyboardInterrupt:
-        _unlink_own(run_dir, listen)
+        _unlink_own(run_dir, ino)
         _say("interrupted")
         return 130
     show(f"exit 0: {reason}")
@@ -497,17 +498,18 @@ def _open(run_dir: str) -> tuple[_socket.socket, inotify.Inotify]:
     return listen, notify
 
 
-def _unlink_own(run_dir: str, listen: _socket.socket) -> None:
+def _unlink_own(run_dir: str, ino: int) -> None:
+    """Remove the watcher's socket if its name still names the one bound (inode ``ino``)."""
     path = watchwire.socket_path(run_dir)
     try:
-        if os.lstat(path).st_ino == os.fstat(listen.fileno()).st_ino:
+        if os.lstat(path).st_ino == ino:
             os.unlink(path)
     except OSError:
         pass
 
 
 def _daemonise(run_dir: str, listen: _socket.socket, notify: inotify.Inotify,
-               linger: float) -> NoReturn:
+               linger: float, ino: int) -> NoReturn:
     """Fork; the first process exits 0 (the socket listens already); the daemon serves."""
     sys.stdout.flush()
     sys.stderr.flush()
@@ -533,10 +535,10 @@ def _daemonise(run_dir: str, listen: _socket.socket, notify: inotify.Inotify,
 
         gc.collect()
         gc.freeze()
-        inotify.malloc_trim()
+        cfunc.malloc_trim()
         Shared(run_dir, listen, notify, linger, None).run()
         status = 0
     except BaseException:  # noqa: BLE001 - the daemon ends in os._exit whatever happens
-        _unlink_own(run_dir, listen)
+        _unlink_own(run_dir, ino)
     finally:
         os._exit(status)
