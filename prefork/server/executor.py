@@ -76,8 +76,11 @@ def configure_locale() -> tuple[bool, str, list[bytes]]:
     Returns ``(utf8_mode, LC_CTYPE locale name, warnings for stderr)``.
     ``sys.flags.utf8_mode`` itself, the filesystem encoding and the default encoding of
     ``open()`` stay the server's.
+
+    ``_locale`` (C) rather than ``locale``: for these calls they are the same, and
+    ``locale`` imports ``re`` (1.3 MB in every idle server of a script that does not).
     """
-    import locale
+    import _locale as locale
 
     def from_env() -> str:
         try:
@@ -119,8 +122,8 @@ def stdio_encoding(utf8: bool, ctype: str) -> tuple[str, str]:
     """(encoding, errors) of stdin/stdout as CPython's ``config_init_stdio_encoding``
     chooses them: PYTHONIOENCODING, then UTF-8 mode, then the LC_CTYPE locale; the encoding
     is normalised to its codec name."""
+    import _locale as locale
     import codecs
-    import locale
 
     encoding = errors = None
     spec = _startup_env("PYTHONIOENCODING")
