@@ -416,7 +416,8 @@ def test_foreground_mode_prints_events(run_dir: str) -> None:
         told = next(i for i, line in enumerate(lines) if "server told" in line)
         registered = next(i for i, line in enumerate(lines) if "registered sa" in line)
         # The event that told it was printed first (the socket's creation may show too).
-        assert any("directory event: sa" in line for line in lines[registered:told]), lines
+        assert any("directory event:" in line and " sa" in line
+                   for line in lines[registered:told]), lines
         p.send_signal(signal.SIGINT)  # by hand: ^C
         assert p.wait(DEADLINE) == 130
         assert not os.path.exists(watchwire.socket_path(run_dir))
@@ -426,3 +427,70 @@ def test_foreground_mode_prints_events(run_dir: str) -> None:
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def test_sync_fds_and_sync_record(run_dir: str, tmp_path: Path) -> None:
+    """What a server does at each call: with the watcher's inotify fd (the same instance)
+    and busy lock it can tell, without a round trip, whether every change has been dealt
+    with; if not, ``S`` on WATCHI gets every pending event handled before ``synced``."""
+    import fcntl
+
+    f = tmp_path / "m.py"
+    f.write_text("")
+    birth = time.time_ns() + 10**12
+    a = Server(run_dir, "sa")
+    ino_fd, busy_fd = watchwire.sync_fds(run_dir)
+    try:
+        os.write(a.watchi_w, watchwire.encode_files(birth, [str(f)]))
+        _wait_for("the file watched", lambda: listing(run_dir).get("inotify") == "2")
+        (pid,) = daemons(run_dir)
+        assert inotify_instances(pid) == [2]
+        with open(f"/proc/self/fdinfo/{ino_fd}") as fi:
+            assert sum(1 for line in fi if line.startswith("inotify wd:")) == 2
+        # While a "server" holds the lock shared, the watcher cannot handle an event.
+        fcntl.flock(busy_fd, fcntl.LOCK_SH)
+        os.utime(f, ns=(birth + 1, birth + 1))
+        assert select.select([ino_fd], [], [], DEADLINE)[0], "the event is pending"
+        os.write(a.watchi_w, watchwire.SYNC_RECORD)
+        assert not select.select([a.watche_r], [], [], 0.2)[0], "told while the lock was held"
+        fcntl.flock(busy_fd, fcntl.LOCK_UN)
+        data = b""
+        while not data.endswith(watchwire.SYNCED):
+            assert select.select([a.watche_r], [], [], DEADLINE)[0]
+            data += os.read(a.watche_r, 4096)
+        assert data == b"stale " + os.fsencode(f) + b"\n" + watchwire.SYNCED
+        assert not select.select([ino_fd], [], [], 0)[0], "every event was read"
+        # Nothing pending: the answer is "synced" alone.
+        os.write(a.watchi_w, watchwire.SYNC_RECORD)
+        assert select.select([a.watche_r], [], [], DEADLINE)[0]
+        assert os.read(a.watche_r, 4096) == watchwire.SYNCED
+    finally:
+        os.close(ino_fd)
+        os.close(busy_fd)
+        a.close()
+
+
+def test_envspec_shared_watcher_token() -> None:
+    from prefork.common import envspec
+
+    plain = envspec.build(5, 6, 3, 4, 7, 8)
+    assert plain == "v1,5.000000006 3,4,7,8"  # exactly v1 unless asked
+    assert not envspec.parse(plain).shared_watcher
+    ours = envspec.build(5, 6, 3, 4, 7, 8, shared_watcher=True)
+    assert ours == "v1,5.000000006 3,4,7,8 pfw1"
+    assert envspec.parse(ours).shared_watcher
+    assert envspec.parse("v1,5.000000006 3,4,7,8 x,pfw1,y more").shared_watcher
+    assert not envspec.parse("v1,5.000000006 3,4,7,8,pfw1 pfw2").shared_watcher
+
+
+def test_watchi_records_codec() -> None:
+    rec = watchwire.encode_files(7, ["/a", "/b c"])
+    got, rest = watchwire.decode_records(rec[:5])
+    assert (got, rest) == ([], rec[:5])
+    got, rest = watchwire.decode_records(rec + watchwire.SYNC_RECORD + rec[:3])
+    assert got == [(7, ["/a", "/b c"]), None]
+    assert rest == rec[:3]
+    with pytest.raises(ValueError, match="bad record"):
+        watchwire.decode_records(b"X\0\0\0\0")
+    with pytest.raises(ValueError, match="not a run-directory entry"):
+        watchwire.encode_register(1, 2, "a/b")

@@ -17,14 +17,24 @@ watcher was lost) makes the two v1 pipes and hands the watcher's ends over:
 ``NAME DEV INO FILES`` (FILES: program files watched for it), then a line ``inotify N``
 (watches in use).
 
+``sync fds`` (server -> watcher): ``"PFWS"``; the reply is one byte 0x00 carrying, by
+SCM_RIGHTS, the watcher's inotify fd (the same instance: no new one is made) and its
+``pwatcher.busy`` file, which the watcher holds ``flock``-ed while it handles events.  With
+them a server knows, in two system calls per call and without waking the watcher, whether
+every change made so far has been dealt with (nothing readable on the inotify fd, the lock
+free); only if not does it ask (``S`` below) and wait for the answer.  So a call that comes
+after an edit is never served by the stale server, as when each server had its own inotify.
+
 On the server's pipes, after registration (only when ``PREFORK_INTERP`` carries the
 ``pfw1`` word, so a v1 server never sees any of it):
 
-- WATCHI (server -> watcher), records ``"F" len u32`` then ``birth_ns u64`` and the
-  program's file names, each ending in NUL: watch these files; one changed since birth makes
-  the server stale.  Several records add up.
-- WATCHE (watcher -> server), one line ``stale PATH\\n``: ``PATH`` changed since the server
-  was born; the server quits as for any autoreload.  EOF still means "your socket is gone".
+- WATCHI (server -> watcher), records ``tag len u32 payload``: ``F``, ``birth_ns u64`` then
+  the program's file names, each ending in NUL: watch these files; one changed since birth
+  makes the server stale (several ``F`` records add up).  ``S``, empty: handle every pending
+  event now, then answer ``synced``.
+- WATCHE (watcher -> server), lines: ``stale PATH\\n``: ``PATH`` changed since the server was
+  born; the server quits as for any autoreload.  ``synced\\n``: the answer to ``S``.  EOF
+  still means "your socket is gone".
 
 Cold path only (client start-up, server set-up): ``_socket``, ``os``, ``select``, ``_struct``.
 """
@@ -48,11 +58,15 @@ if TYPE_CHECKING:
 ENV_WORD = "pfw1"
 MAGIC_REGISTER = b"PFW1"
 MAGIC_LIST = b"PFWL"
+MAGIC_SYNC_FDS = b"PFWS"
 REGISTER = _struct.Struct(">4sQQH")
 RECORD = _struct.Struct(">cI")
 BIRTH = _struct.Struct(">Q")
 REC_FILES = b"F"
+REC_SYNC = b"S"
 STALE_PREFIX = b"stale "
+SYNCED = b"synced\n"
+BUSY_NAME = "pwatcher.busy"
 ACK = b"\0"
 #: Longest socket name accepted (a run-directory entry, far under NAME_MAX).
 MAX_NAME = 255
@@ -84,13 +98,20 @@ def encode_files(birth_ns: int, files: Iterable[str]) -> bytes:
     return RECORD.pack(REC_FILES, len(payload)) + payload
 
 
-def decode_records(buf: bytes) -> tuple[list[tuple[int, list[str]]], bytes]:
-    """Complete WATCHI records in ``buf`` as (birth_ns, files), and the rest.  ``ValueError``
-    for a record that is not ours (the pipe is then useless: the watcher drops the server)."""
-    out: list[tuple[int, list[str]]] = []
+SYNC_RECORD = RECORD.pack(REC_SYNC, 0)
+
+
+def decode_records(buf: bytes) -> tuple[list[tuple[int, list[str]] | None], bytes]:
+    """Complete WATCHI records in ``buf`` -- (birth_ns, files) for ``F``, None for ``S`` --
+    and the rest.  ``ValueError`` for a record that is not ours."""
+    out: list[tuple[int, list[str]] | None] = []
     pos = 0
     while len(buf) - pos >= RECORD.size:
         tag, size = RECORD.unpack_from(buf, pos)
+        if tag == REC_SYNC and size == 0:
+            out.append(None)
+            pos += RECORD.size
+            continue
         if tag != REC_FILES or not BIRTH.size <= size <= MAX_RECORD:
             raise ValueError(f"bad record {tag!r} of {size} bytes on WATCHI")
         if len(buf) - pos - RECORD.size < size:
@@ -221,6 +242,34 @@ def _close_strays() -> list[tuple[int, int]]:
             except OSError:
                 pass
     return actions
+
+
+def sync_fds(run_dir: str) -> tuple[int, int]:
+    """The running watcher's (inotify fd, busy-lock fd), close-on-exec; ``WatchError``."""
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(TIMEOUT)
+        sock.connect(socket_path(run_dir))
+        sock.sendall(MAGIC_SYNC_FDS)
+        data, fds = fdio.recv_with_fds(sock, 1, 2)
+    except (OSError, ValueError) as e:
+        raise WatchError(f"shared watcher of {run_dir}: {e}") from None
+    finally:
+        sock.close()
+    if data != ACK or len(fds) != 2:
+        for fd in fds:
+            os.close(fd)
+        raise WatchError(f"shared watcher of {run_dir} did not pass its fds")
+    # flock belongs to the open file description, which the passed fd shares with the
+    # watcher's: the same file opened anew gives the server a lock of its own.
+    try:
+        busy_fd = os.open(f"/proc/self/fd/{fds[1]}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        os.close(fds[0])
+        raise WatchError(f"reopen the watcher's busy file: {e.strerror}") from None
+    finally:
+        os.close(fds[1])
+    return fds[0], busy_fd
 
 
 def list_entries(run_dir: str) -> str:

@@ -85,7 +85,7 @@ def configure_locale() -> tuple[bool, str, list[bytes]]:
     def from_env() -> str:
         try:
             return locale.setlocale(locale.LC_CTYPE, "")
-        except locale.Error:
+        except locale.Error:  # type: ignore[attr-defined]  # (missing from typeshed)
             return locale.setlocale(locale.LC_CTYPE, "C")
 
     warnings: list[bytes] = []
@@ -102,7 +102,7 @@ def configure_locale() -> tuple[bool, str, list[bytes]]:
         for target in _COERCION_TARGETS:
             try:
                 locale.setlocale(locale.LC_CTYPE, target)
-            except locale.Error:
+            except locale.Error:  # type: ignore[attr-defined]
                 continue
             if not locale.nl_langinfo(locale.CODESET):
                 continue

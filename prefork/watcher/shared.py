@@ -33,6 +33,7 @@ on stderr), 2 usage.
 from __future__ import annotations
 
 import _socket
+import fcntl
 import os
 import select
 import stat
@@ -118,6 +119,9 @@ class Shared:
         self.idle_since = time.monotonic()
         self.next_recheck = self.idle_since + RECHECK_INTERVAL
         self.listen_ino = os.lstat(watchwire.socket_path(run_dir)).st_ino
+        #: Held (flock) while events are handled: see watchwire's ``sync fds``.
+        self.busy_fd = os.open(os.path.join(run_dir, watchwire.BUSY_NAME),
+                               os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
     def say(self, text: str) -> None:
         if self.show is not None:
@@ -180,6 +184,9 @@ class Shared:
             if head[:4] == watchwire.MAGIC_LIST and not fds:
                 conn.sendall(self._listing().encode("utf-8", "surrogateescape"))
                 return
+            if head[:4] == watchwire.MAGIC_SYNC_FDS and not fds:
+                fdio.send_fds(conn, watchwire.ACK, (self.inotify.fd, self.busy_fd))
+                return
             if len(head) < watchwire.REGISTER.size:
                 head += fdio.read_exactly(conn, watchwire.REGISTER.size - len(head))
             magic, dev, ino, size = watchwire.REGISTER.unpack(head)
@@ -232,8 +239,17 @@ class Shared:
         except ValueError:  # a v1 server writing on its sentinel: ignored, as v1 does
             entry.buf = b""
             return
-        for birth, files in records:
-            self._add_files(entry, birth, files)
+        for record in records:
+            if record is None:  # S: deal with every pending event, then say so
+                self._events()
+                if entry.watch_in not in self.entries:
+                    return  # its socket was gone: it was told (EOF)
+                try:
+                    os.write(entry.watch_err, watchwire.SYNCED)
+                except (BlockingIOError, BrokenPipeError):
+                    pass
+            else:
+                self._add_files(entry, *record)
 
     def _add_files(self, entry: Entry, birth: int, files: list[str]) -> None:
         if entry.told:
@@ -319,6 +335,15 @@ class Shared:
     # ------------------------------------------------------------ inotify
 
     def _events(self) -> None:
+        """Read and handle every pending event, holding the busy lock from before the read
+        until every server concerned has been told."""
+        fcntl.flock(self.busy_fd, fcntl.LOCK_EX)
+        try:
+            self._handle_events()
+        finally:
+            fcntl.flock(self.busy_fd, fcntl.LOCK_UN)
+
+    def _handle_events(self) -> None:
         names: set[str] = set()
         everything = False
         touched: dict[int, int] = {}
