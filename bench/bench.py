@@ -866,7 +866,27 @@ def _scale_side(name: str, n: int, ours: bool, reps: int) -> tuple[ScaleFacts, f
         per_server = 1 if ours else 2
         _settle(sec.dir, n, per_server * n + (1 if ours else 0))
         facts = _measure(sec.dir, n)
-        many = med_ms(interleaved({"x": first}, reps)["x"]) if n > 1 else one
+        if facts.procs < per_server * n:
+            logs = ""
+            rd = env.get(paths.RUNDIR_ENV)
+            for name in sorted(os.listdir(rd)) if rd else []:
+                if name.endswith(".log"):
+                    logs += _tail(os.path.join(rd, name), 600)
+            raise BenchError(f"scale: {facts.procs} processes for {n} idle server(s) "
+                             f"({_titles(referring(sec.dir))}); logs:\n{logs}")
+        if ours:
+            alone_dir = os.path.join(sec.dir, "ra")
+            os.mkdir(alone_dir, 0o700)
+            alone_env = dict(env, **{paths.RUNDIR_ENV: alone_dir})
+            alone = write_script(sec.dir, f"alone.{ext}", shebang, body)
+            t = interleaved({"many": first,
+                             "alone": Cmd([client, *mode, alone], alone_env, sec.err)}, reps)
+            subprocess.run([client, "--kill," + mode[0], alone], env=alone_env, check=False,
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=60)
+            one, many = med_ms(t["alone"]), med_ms(t["many"])
+        else:
+            many = med_ms(interleaved({"x": first}, reps)["x"])
     return facts, one, many
 
 
