@@ -869,9 +869,9 @@ def _scale_side(name: str, n: int, ours: bool, reps: int) -> tuple[ScaleFacts, f
         if facts.procs < per_server * n:
             logs = ""
             rd = env.get(paths.RUNDIR_ENV)
-            for name in sorted(os.listdir(rd)) if rd else []:
-                if name.endswith(".log"):
-                    logs += _tail(os.path.join(rd, name), 600)
+            for entry in sorted(os.listdir(rd)) if rd else []:
+                if entry.endswith(".log"):
+                    logs += _tail(os.path.join(rd, entry), 600)
             raise BenchError(f"scale: {facts.procs} processes for {n} idle server(s) "
                              f"({_titles(referring(sec.dir))}); logs:\n{logs}")
         if ours:
