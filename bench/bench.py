@@ -764,23 +764,44 @@ def smaps_rollup(pid: int) -> tuple[int, int]:
     return pss, uss
 
 
-def inotify_use(pid: int) -> tuple[int, int]:
-    """(inotify instances, watches) held by ``pid``."""
-    instances = watches = 0
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return 0, 0
-    for fd in fds:
+_SYS_KCMP = {"x86_64": 312, "aarch64": 272}.get(platform.machine())
+_KCMP_FILE = 0
+
+
+def _same_file(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """Whether fd a[1] of pid a[0] and fd b[1] of pid b[0] are one open file (kcmp(2));
+    an fd passed by SCM_RIGHTS is the same inotify instance, not another one."""
+    import ctypes
+
+    if _SYS_KCMP is None:
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    return int(libc.syscall(_SYS_KCMP, a[0], b[0], _KCMP_FILE, a[1], b[1])) == 0
+
+
+def inotify_use(pids: set[int]) -> tuple[int, int]:
+    """(inotify instances, watches) held by ``pids``: fds that are one open file (a
+    watcher's instance passed to a server) count once."""
+    seen: list[tuple[int, int]] = []
+    watches = 0
+    for pid in pids:
         try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:inotify":
-                continue
-            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                watches += sum(1 for line in f if line.startswith("inotify wd:"))
-            instances += 1
+            fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:
             continue
-    return instances, watches
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:inotify":
+                    continue
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    n = sum(1 for line in f if line.startswith("inotify wd:"))
+            except OSError:
+                continue
+            here = (pid, int(fd))
+            if not any(_same_file(here, other) for other in seen):
+                seen.append(here)
+                watches += n
+    return len(seen), watches
 
 
 def _titles(pids: set[int]) -> list[str]:
@@ -809,11 +830,11 @@ class ScaleFacts:
 
 def _measure(d: str, n: int) -> ScaleFacts:
     pids = referring(d)
-    pss = uss = inst = watches = 0
+    pss = uss = 0
     for pid in pids:
         p, u = smaps_rollup(pid)
-        i, w = inotify_use(pid)
-        pss, uss, inst, watches = pss + p, uss + u, inst + i, watches + w
+        pss, uss = pss + p, uss + u
+    inst, watches = inotify_use(pids)
     spares = sum(1 for t in _titles(pids) if t.rstrip().endswith("[spare]"))
     return ScaleFacts(n, len(pids), pss, uss, inst, watches, spares)
 
@@ -829,8 +850,10 @@ def _settle(d: str, n: int, want_procs: int) -> None:
 
 
 def _scale_side(name: str, n: int, ours: bool, reps: int) -> tuple[ScaleFacts, float, float]:
-    """Start ``n`` trivial servers; their idle cost; warm-call ms of the first with one alive
-    and with all ``n`` alive."""
+    """Start ``n`` trivial servers; their idle cost; then the warm-call ms of one of them
+    (with all ``n`` alive), and of a server alone in a run directory of its own -- for ours
+    measured interleaved, so that machine noise hits both (the reference's run base is the
+    per-user one: its two figures are taken one after the other)."""
     with section(f"i{name}{n}", uses_c_client=not ours) as sec:
         env = dict(sec.env)
         if ours:
@@ -858,8 +881,8 @@ def _scale_side(name: str, n: int, ours: bool, reps: int) -> tuple[ScaleFacts, f
                 sec.server(C_CLIENT, PERL, sc)
         ok = (0,) if ours else (0, signal.SIGINT)
         first = Cmd([client, *mode, scripts[0]], env, sec.err, ok=ok)
-        one = med_ms(interleaved({"x": first}, reps)["x"])
-        for sc in scripts[1:]:
+        one = med_ms(interleaved({"x": first}, reps)["x"]) if not ours else 0.0
+        for sc in scripts:
             Cmd([client, *mode, sc], env, sec.err, ok=ok)()
         # Idle: ours keeps the server (and the run directory's one shared watcher); the
         # reference keeps the server and the C client's forked watcher.

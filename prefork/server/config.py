@@ -51,6 +51,16 @@ def _idle_timeout(value: object) -> float | None:
     return value
 
 
+def _spare_idle(value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ConfigError(f"spare_idle must be a number of seconds or None, not {value!r}")
+    if value < 0 or math.isinf(value):
+        return None  # never let go
+    return value
+
+
 def _reload_paths(value: object) -> tuple[str, ...]:
     if isinstance(value, (str, bytes, os.PathLike)):
         raise ConfigError(f"autoreload_extra must be a list of paths, not one path: {value!r}")
@@ -77,7 +87,7 @@ class ServerConfig:
     """
 
     __slots__ = ("autoreload", "fast_exit", "idle_timeout", "log", "max_servers",
-                 "reload_paths", "script", "spec")
+                 "reload_paths", "script", "spare_idle", "spec")
 
     spec: envspec.EnvSpec
     script: str
@@ -87,6 +97,7 @@ class ServerConfig:
     reload_paths: tuple[str, ...]
     log: str | None
     fast_exit: bool
+    spare_idle: float | None
 
     def __init__(self, spec: envspec.EnvSpec, script: str, also_check: Iterable[str] = (),
                  **options: Any) -> None:
@@ -101,7 +112,8 @@ class ServerConfig:
     @staticmethod
     def options(*, max_servers: int = 4, idle_timeout: float | None = 3600.0,
                 autoreload: bool = True, autoreload_extra: Iterable[str] = (),
-                log: str | None = None, fast_exit: bool = True) -> dict[str, Any]:
+                log: str | None = None, fast_exit: bool = True,
+                spare_idle: float | None = 30.0) -> dict[str, Any]:
         """``initialisation_complete()``'s keywords, checked (``ConfigError``; an unknown
         keyword is a ``TypeError``, as for any call) and normalised.
 
@@ -111,14 +123,17 @@ class ServerConfig:
         of ``autoreload_extra`` changes.  ``log``: None (syslog if /dev/log exists, else
         ``p<IDENT>.log`` in the run directory), "syslog", "file", "stderr" or a file path.
         ``fast_exit``: end each call without tearing down the inherited heap (Python 3.12+;
-        see ``prefork.server.fastexit``).
+        see ``prefork.server.fastexit``).  ``spare_idle``: seconds without calls after which
+        the executor forked ahead of the next call (the spare) is let go, the next call
+        forking one (None, negative or infinite: never): an idle server is smaller.
         """
         return {"max_servers": _max_servers(max_servers),
                 "idle_timeout": _idle_timeout(idle_timeout),
                 "autoreload": bool(autoreload),
                 "autoreload_extra": _reload_paths(autoreload_extra),
                 "log": _log(log),
-                "fast_exit": bool(fast_exit)}
+                "fast_exit": bool(fast_exit),
+                "spare_idle": _spare_idle(spare_idle)}
 
     @classmethod
     def from_contract(cls, value: str, script: str, also_check: Iterable[str] = (),

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
     from prefork.server.log import ServerLog
     from prefork.server.spare import Closable
+    from prefork.server.watchlink import WatchLink
 
 _READS_PER_TURN = 8       # reads of one connection's request per turn of the loop, at most
 REQUEST_TIMEOUT = 30.0   # a connection must deliver its request within this
@@ -97,6 +98,8 @@ class TookCall(BaseException):
 
 #: A hand-over must be taken within this (a spare that does not read is killed).
 HANDOVER_TIMEOUT = 5.0
+#: Seconds without a call after which the spare is let go (forked again with the next call).
+SPARE_IDLE = 30.0
 
 
 class Server:
@@ -104,10 +107,13 @@ class Server:
 
     def __init__(self, *, listen_sock: socket.socket, call_sock: socket.socket,
                  watch_in_fd: int, watch_err_fd: int, birth_ns: int, log: ServerLog,
-                 max_servers: int, idle_timeout: float | None, autoreload: Autoreload | None,
+                 max_servers: int, idle_timeout: float | None,
+                 autoreload: Autoreload | WatchLink | None,
                  saved_signals: Mapping[int, object], keep_fds: set[int], script: str,
                  prctl: Callable[..., int] | None,
-                 set_title: Callable[[str], None] | None = None) -> None:
+                 set_title: Callable[[str], None] | None = None,
+                 watch_link: WatchLink | None = None,
+                 spare_idle: float | None = SPARE_IDLE) -> None:
         self.listen_sock: socket.socket | None = listen_sock
         self.first_call_sock = call_sock
         self.watch_in_fd = watch_in_fd
@@ -117,6 +123,14 @@ class Server:
         self.max_servers = max_servers
         self.idle_timeout = idle_timeout
         self.autoreload = autoreload
+        #: The shared watcher (our client): it owns WATCHI/WATCHE then.
+        self.watch_link = watch_link
+        if watch_link is not None:
+            self.watch_in_fd = self.watch_err_fd = -1
+        #: The spare is let go after this long without calls (the fork ahead of a call
+        #: saves time only under traffic; an idle server is smaller without it).
+        self.spare_idle = spare_idle
+        self.spare_let_go = False
         self.saved_signals = saved_signals
         self.keep_fds = keep_fds
         self.script = script
@@ -162,7 +176,7 @@ class Server:
     def _serve(self) -> None:
         self._install_signals()
         self.sel.register(self.wake_r, selectors.EVENT_READ, self._drain_wakeups)
-        self.sel.register(self.watch_err_fd, selectors.EVENT_READ, self._watch_event)
+        self.sel.register(self._watch_fd(), selectors.EVENT_READ, self._watch_event)
         self._add_call(self.first_call_sock)
         self._set_accepting(True)
         self.log.info(f"server started (pid {os.getpid()}, max_servers {self.max_servers}, "
@@ -186,6 +200,9 @@ class Server:
         if self.idle_timeout is not None and not self.calls and not self.by_pid \
                 and self.quitting is None:
             deadlines.append(self.last_activity + self.idle_timeout)
+        if self.spare is not None and self.spare_idle is not None and not self.calls \
+                and not self.by_pid:
+            deadlines.append(self.last_activity + self.spare_idle)
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - now)
@@ -210,7 +227,7 @@ class Server:
         # The next spare is forked once no call is left running, or when one has just
         # ended: not while a call that was just handed out runs, where the fork (long for
         # a big heap) would hold up the server's reply to it, on the same few cores.
-        if self.spare is None and (self.call_ended or not self.by_pid):
+        if self.spare is None and not self.spare_let_go and (self.call_ended or not self.by_pid):
             self.call_ended = False
             self._fork_spare()
 
@@ -238,6 +255,10 @@ class Server:
         if (self.idle_timeout is not None and self.quitting is None and not self.calls
                 and not self.by_pid and now >= self.last_activity + self.idle_timeout):
             self._begin_quit(f"idle for {self.idle_timeout:g}s")
+        if (self.spare is not None and self.spare_idle is not None and not self.calls
+                and not self.by_pid and now >= self.last_activity + self.spare_idle):
+            self.spare_let_go = True  # forked again when a call comes
+            self._drop_spare()
 
     def _begin_quit(self, why: str) -> None:
         """Stop accepting; running calls are finished first; the watcher is released."""
@@ -252,12 +273,14 @@ class Server:
         if self.listen_sock is not None:
             self.listen_sock.close()
             self.listen_sock = None
+        try:
+            self.sel.unregister(self._watch_fd())
+        except (KeyError, ValueError):
+            pass
+        if self.watch_link is not None:
+            self.watch_link.close()
         for fd in (self.watch_in_fd, self.watch_err_fd):
             if fd >= 0:
-                try:
-                    self.sel.unregister(fd)
-                except (KeyError, ValueError):
-                    pass
                 os.close(fd)
         self.watch_in_fd = self.watch_err_fd = -1
 
@@ -278,7 +301,40 @@ class Server:
         starting = sum(1 for c in self.calls.values() if c.parser is not None)
         return 0 <= self.max_servers <= len(self.by_pid) + starting
 
+    def _watch_fd(self) -> int:
+        return self.watch_err_fd if self.watch_link is None else self.watch_link.watch_err_fd
+
+    def _link_event(self, link: WatchLink) -> None:
+        """WATCHE from the shared watcher: stale, an error, or EOF -- the socket gone, or
+        the watcher itself (then the server hands itself to a new one and carries on)."""
+        link.feed()
+        if link.told is not None:
+            self.log.info(f"reloading: {link.told} changed since the server started")
+            self._begin_quit(f"stale ({link.told})")
+        elif link.error is not None:
+            self.log.error(f"watcher: {link.error}")
+            self._begin_quit("watcher reported an error")
+        elif link.eof:
+            if not link.socket_is_ours():
+                self._begin_quit("lost socket (fresh start, --kill or cleanup)")
+                return
+            from prefork.common.watchwire import WatchError
+
+            self.sel.unregister(link.watch_err_fd)
+            try:
+                link.reattach()
+            except (WatchError, OSError) as e:
+                self.log.error(f"the shared watcher was lost and no other could take over: {e}")
+                link.close()
+                self._begin_quit("lost the watcher")
+                return
+            self.sel.register(link.watch_err_fd, selectors.EVENT_READ, self._watch_event)
+            self.log.warning("the shared watcher was lost: handed over to a new one")
+
     def _watch_event(self) -> None:
+        if self.watch_link is not None:
+            self._link_event(self.watch_link)
+            return
         try:
             data = os.read(self.watch_err_fd, 2048)
         except BlockingIOError:
@@ -322,6 +378,7 @@ class Server:
 
     def _add_call(self, sock: socket.socket) -> None:
         self.last_activity = time.monotonic()
+        self.spare_let_go = False
         sock.setblocking(False)
         call = Call(sock, True, self.last_activity)
         try:

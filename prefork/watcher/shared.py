@@ -50,8 +50,11 @@ if TYPE_CHECKING:
     from typing import NoReturn
 
 PROG = "prefork-watcher"
-#: Seconds with no server before the watcher retires.
-DEFAULT_LINGER = 10.0
+#: Seconds with no server before the watcher retires: none, so that no process is left
+#: once the last server is gone (starting another costs the next cold start ~30 ms).
+DEFAULT_LINGER = 0.0
+#: Retiring was put off (a client holds the lock, or is connecting): try again after this.
+RETIRE_RETRY = 0.05
 #: A look at every socket path this often anyway (changes inotify cannot see: an ancestor
 #: of the run directory renamed), and at unwatchable files (watch limit reached) this often.
 RECHECK_INTERVAL = 60.0
@@ -116,8 +119,10 @@ class Shared:
         self.poll.register(listen.fileno(), select.POLLIN)
         self.poll.register(notify.fd, select.POLLIN)
         self.uid = os.getuid()
-        self.idle_since = time.monotonic()
-        self.next_recheck = self.idle_since + RECHECK_INTERVAL
+        now = time.monotonic()
+        #: When to try to retire (no server held); None while it holds any.
+        self.retire_at: float | None = now + linger
+        self.next_recheck = now + RECHECK_INTERVAL
         self.listen_ino = os.lstat(watchwire.socket_path(run_dir)).st_ino
         #: Held (flock) while events are handled: see watchwire's ``sync fds``.
         self.busy_fd = os.open(os.path.join(run_dir, watchwire.BUSY_NAME),
@@ -136,8 +141,8 @@ class Shared:
             wake = self.next_recheck
             if any(e.unwatched and not e.told for e in self.entries.values()):
                 wake = min(wake, now + POLL_INTERVAL)
-            if not self.entries:
-                wake = min(wake, self.idle_since + self.linger)
+            if self.retire_at is not None:
+                wake = min(wake, self.retire_at)
             ready = self.poll.poll(max(0.0, wake - now) * 1000)
             for fd, _ev in ready:
                 if fd == self.inotify.fd:
@@ -154,8 +159,10 @@ class Shared:
             for entry in list(self.entries.values()):
                 if entry.unwatched and not entry.told:
                     self._check_files(entry, entry.unwatched)
-            if not self.entries and now >= self.idle_since + self.linger and self._retire():
-                return f"no server for {self.linger:g}s"
+            if self.retire_at is not None and now >= self.retire_at:
+                if self._retire():
+                    return f"no server for {self.linger:g}s"
+                self.retire_at = now + RETIRE_RETRY
 
     # ------------------------------------------------------------ registration
 
@@ -208,6 +215,7 @@ class Shared:
             raise
         entry = Entry(name, dev, ino, watch_in, watch_err)
         self.entries[watch_in] = entry
+        self.retire_at = None
         self.poll.register(watch_in, select.POLLIN)
         self.say(f"registered {name} (dev {dev}, inode {ino}); {len(self.entries)} server(s)")
         self._check_socket(entry)  # it may have gone before the watch saw it
@@ -330,7 +338,7 @@ class Shared:
         os.close(entry.watch_in)
         os.close(entry.watch_err)  # EOF on WATCHE (if the server still reads it)
         if not self.entries:
-            self.idle_since = time.monotonic()
+            self.retire_at = time.monotonic() + self.linger
 
     # ------------------------------------------------------------ inotify
 
@@ -400,11 +408,9 @@ class Shared:
         except OSError:
             lock_fd = None
         if lock_fd is None:  # a client is starting a watcher or registering: not now
-            self.idle_since = time.monotonic()
             return False
         try:
             if select.select([self.listen], [], [], 0)[0]:
-                self.idle_since = time.monotonic()
                 return False  # a connection waits: serve it first
             path = watchwire.socket_path(self.run_dir)
             try:
