@@ -7,8 +7,8 @@ process.  Run as a plain script, it returns at once and the script simply goes o
 
 from __future__ import annotations
 
+import _signal
 import os
-import signal
 import sys
 
 from prefork.common import consts
@@ -16,7 +16,7 @@ from prefork.common.consts import EXIT_FAILED
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import socket
+    import _socket as socket
     from collections.abc import Callable
     from typing import Any, NoReturn
 
@@ -113,7 +113,7 @@ def _open_fds() -> set[int]:
 def adopt_endpoints(spec: EnvSpec) -> Endpoints:
     """Check the contract's fds (``PreforkSetupError`` says which is wrong), make them
     non-inheritable and wrap the sockets."""
-    import socket
+    import _socket as socket
 
     _check_fd(spec.listen, "LISTEN", True)
     _check_fd(spec.call, "CALL", True)
@@ -208,8 +208,8 @@ def _serve(config: ServerConfig) -> bool:
     # The dispositions the server changes (SIGPIPE: ignored, whatever the script chose, so
     # that writing to a client already gone is an error, not the server's death), given
     # back to the script in every executor.
-    saved = {int(s): signal.getsignal(s) for s in
-             (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGPIPE)}
+    saved = {int(s): _signal.getsignal(s) for s in
+             (_signal.SIGCHLD, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGINT, _signal.SIGPIPE)}
     files = [*ar.module_files(), *config.reload_paths] if config.autoreload else []
     reload: ar.Autoreload | WatchLink | None = None
     link = None
@@ -261,28 +261,29 @@ _setproctitle: object = None  # setproctitle's C function, once loaded; False: u
 def _load_setproctitle() -> object:
     """``setproctitle``'s C extension, loaded without its package: the package's
     ``__init__`` imports ``logging``, which imports ``threading``, whose fork handler every
-    executor of a script that does not use threads would then pay for."""
+    executor of a script that does not use threads would then pay for.  Found on
+    ``sys.path`` and loaded with the import system's own (frozen, always loaded) pieces:
+    ``importlib.util`` would cost every idle server 0.2 MB."""
     try:
-        import importlib.machinery
-        import importlib.util
+        import _imp
 
-        spec = importlib.util.find_spec("setproctitle")
-        for folder in (spec.submodule_search_locations or []) if spec else []:
-            for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        bootstrap = sys.modules["_frozen_importlib"]
+        external = sys.modules["_frozen_importlib_external"]
+        name = "setproctitle._setproctitle"
+        for entry in sys.path:
+            folder = os.path.join(entry or os.curdir, "setproctitle")
+            for suffix in _imp.extension_suffixes():
                 path = os.path.join(folder, "_setproctitle" + suffix)
                 if os.path.exists(path):
-                    loader = importlib.machinery.ExtensionFileLoader(
-                        "setproctitle._setproctitle", path)
-                    ext_spec = importlib.util.spec_from_file_location(
-                        "setproctitle._setproctitle", path, loader=loader)
-                    assert ext_spec is not None
-                    module = importlib.util.module_from_spec(ext_spec)
+                    loader = external.ExtensionFileLoader(name, path)
+                    module = bootstrap.module_from_spec(
+                        bootstrap.spec_from_loader(name, loader, origin=path))
                     loader.exec_module(module)
                     return module.setproctitle
         import setproctitle  # no C extension found where expected: the package's own way
 
         return setproctitle.setproctitle
-    except (ImportError, OSError, ValueError, AssertionError):
+    except (ImportError, OSError, ValueError, KeyError, AttributeError):
         return False
 
 

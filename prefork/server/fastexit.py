@@ -44,12 +44,12 @@ unfreezing the heap so that the final collection finds the cycles the server mad
 
 from __future__ import annotations
 
+import _signal
 import _weakref
 import atexit
 import gc
 import io
 import os
-import signal
 import sys
 import types
 
@@ -390,7 +390,7 @@ def finish(status: int | None, exc: BaseException | None) -> None:
             status = 1
     finally:
         if sigint:
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGINT)
-            status = 128 + signal.SIGINT
+            _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
+            os.kill(os.getpid(), _signal.SIGINT)
+            status = 128 + _signal.SIGINT
         os._exit(status & 0xFF if status is not None else 1)
