@@ -15,6 +15,9 @@ that machine noise hits both sides; medians of many repetitions.  Sections:
 (h) an exception-heavy loop timed inside the script: direct vs warm (prefork-server, and a
     script calling initialisation_complete())
 (p) the client a real ``pip install`` gives (wheel, fresh venv) vs ``make venv``'s launcher
+(i) scale: 1, 10 and 100 idle servers of trivial scripts, ours (our client) vs the reference
+    (C client + Perl server): PSS and USS of all their processes, processes per server,
+    inotify instances and watches; a warm call with 100 servers alive
 
 Each section works in its own short directory under /tmp (scripts, cwd, run directory) and
 stops its servers at the end (``--kill``), then checks that no process referring to that
@@ -785,6 +788,242 @@ def bench_autoreload(res: Results, reps: int) -> None:
     res.add(s, "an edit is reported", "yes")
 
 
+SCALE_COUNTS = (1, 10, 100)
+#: The Perl server's idle timeout is 1,000,000 s; ours drops its spare after SPARE_IDLE s.
+SCALE_SETTLE = float(os.environ.get("BENCH_SCALE_SETTLE") or 60.0)
+
+
+def smaps_rollup(pid: int) -> tuple[int, int]:
+    """(PSS, USS) of ``pid`` in KiB, from /proc/PID/smaps_rollup (0, 0 if it is gone)."""
+    pss = uss = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key == "Pss":
+                    pss = int(rest.split()[0])
+                elif key in ("Private_Clean", "Private_Dirty"):
+                    uss += int(rest.split()[0])
+    except OSError:
+        pass
+    return pss, uss
+
+
+_SYS_KCMP = {"x86_64": 312, "aarch64": 272}.get(platform.machine())
+_KCMP_FILE = 0
+
+
+def _same_file(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """Whether fd a[1] of pid a[0] and fd b[1] of pid b[0] are one open file (kcmp(2));
+    an fd passed by SCM_RIGHTS is the same inotify instance, not another one."""
+    import ctypes
+
+    if _SYS_KCMP is None:
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    return int(libc.syscall(_SYS_KCMP, a[0], b[0], _KCMP_FILE, a[1], b[1])) == 0
+
+
+def inotify_use(pids: set[int]) -> tuple[int, int]:
+    """(inotify instances, watches) held by ``pids``: fds that are one open file (a
+    watcher's instance passed to a server) count once."""
+    seen: list[tuple[int, int]] = []
+    watches = 0
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:inotify":
+                    continue
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    n = sum(1 for line in f if line.startswith("inotify wd:"))
+            except OSError:
+                continue
+            here = (pid, int(fd))
+            if not any(_same_file(here, other) for other in seen):
+                seen.append(here)
+                watches += n
+    return len(seen), watches
+
+
+def _titles(pids: set[int]) -> list[str]:
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                out.append(f.read().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:
+            pass
+    return out
+
+
+@dataclass
+class ScaleFacts:
+    """What the idle processes of N servers cost, all together."""
+
+    servers: int
+    procs: int
+    pss_kib: int
+    uss_kib: int
+    instances: int
+    watches: int
+    spares: int
+
+
+def _measure(d: str, n: int) -> ScaleFacts:
+    pids = referring(d)
+    pss = uss = 0
+    for pid in pids:
+        p, u = smaps_rollup(pid)
+        pss, uss = pss + p, uss + u
+    inst, watches = inotify_use(pids)
+    spares = sum(1 for t in _titles(pids) if t.rstrip().endswith("[spare]"))
+    return ScaleFacts(n, len(pids), pss, uss, inst, watches, spares)
+
+
+def _settle(d: str, n: int, want_procs: int) -> None:
+    """Wait (at most SCALE_SETTLE s) until the servers' processes are down to their idle
+    set: ``want_procs`` processes (spares dropped, set-up processes gone)."""
+    deadline = time.monotonic() + SCALE_SETTLE
+    while time.monotonic() < deadline:
+        if len(referring(d)) <= want_procs:
+            return
+        time.sleep(0.5)
+
+
+def _scale_side(name: str, n: int, ours: bool, reps: int) -> tuple[ScaleFacts, float, float]:
+    """Start ``n`` trivial servers; their idle cost; then the warm-call ms of one of them
+    (with all ``n`` alive), and of a server alone in a run directory of its own -- for ours
+    measured interleaved, so that machine noise hits both (the reference's run base is the
+    per-user one: its two figures are taken one after the other)."""
+    with section(f"i{name}{n}", uses_c_client=not ours) as sec:
+        env = dict(sec.env)
+        if ours:
+            # A regular install's cost: no editable-install finder in every process (the
+            # .pth of ``pip install -e`` imports pathlib and re: +2.4 MB per process).
+            site = output_of([PYTHON, "-c", "import site; print(site.getsitepackages()[0])"],
+                             env).strip()
+            env["PYTHONPATH"] = f"{REPO}{os.pathsep}{site}"
+            interp = [PYTHON, "-S"]
+            client = CLIENT
+            body = TRIVIAL_PY
+        else:
+            interp = [PERL]
+            client = C_CLIENT
+            body = TRIVIAL_PL
+        shebang = f"{client} -U," + ",".join(interp)
+        ext = "py" if ours else "pl"
+        scripts = [write_script(sec.dir, f"t{i:03d}.{ext}", shebang, body) for i in range(n)]
+        # Our client takes interpreter arguments in the combined form only (as in a #! line).
+        mode = ["-U," + ",".join(interp)] if ours else ["-U", *interp]
+        for sc in scripts:
+            if ours:
+                sec.kills.append([client, "--kill," + mode[0], sc])
+            else:
+                sec.server(C_CLIENT, PERL, sc)
+        ok = (0,) if ours else (0, signal.SIGINT)
+        first = Cmd([client, *mode, scripts[0]], env, sec.err, ok=ok)
+        one = med_ms(interleaved({"x": first}, reps)["x"]) if not ours else 0.0
+        for sc in scripts:
+            Cmd([client, *mode, sc], env, sec.err, ok=ok)()
+        # Idle: ours keeps the server (and the run directory's one shared watcher); the
+        # reference keeps the server and the C client's forked watcher.
+        per_server = 1 if ours else 2
+        _settle(sec.dir, n, per_server * n + (1 if ours else 0))
+        facts = _measure(sec.dir, n)
+        if not ours:
+            # The per-user run base is shared: other programs' starts meanwhile can push it
+            # past 100 idents, and the reference's cleanup then stops some of these.
+            facts.servers = sum(1 for t in _titles(referring(sec.dir))
+                                if t.rstrip().endswith("[server]"))
+            n = max(facts.servers, 1)
+        if facts.procs < per_server * n:
+            logs = ""
+            rd = env.get(paths.RUNDIR_ENV)
+            for entry in sorted(os.listdir(rd)) if rd else []:
+                if entry.endswith(".log"):
+                    logs += _tail(os.path.join(rd, entry), 600)
+            raise BenchError(f"scale: {facts.procs} processes for {n} idle server(s) "
+                             f"({_titles(referring(sec.dir))}); logs:\n{logs}")
+        if ours:
+            alone_dir = os.path.join(sec.dir, "ra")
+            os.mkdir(alone_dir, 0o700)
+            alone_env = dict(env, **{paths.RUNDIR_ENV: alone_dir})
+            alone = write_script(sec.dir, f"alone.{ext}", shebang, body)
+            t = interleaved({"many": first,
+                             "alone": Cmd([client, *mode, alone], alone_env, sec.err)}, reps)
+            subprocess.run([client, "--kill," + mode[0], alone], env=alone_env, check=False,
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=60)
+            one, many = med_ms(t["alone"]), med_ms(t["many"])
+        else:
+            many = med_ms(interleaved({"x": first}, reps)["x"])
+    return facts, one, many
+
+
+def _reference_room() -> int:
+    """How many new idents the reference's run base takes before its cleanup (more than
+    100 idents: it deletes 100 entries, least recently used first -- other users' servers
+    too) would run."""
+    base = paths.run_base({})
+    try:
+        names = os.listdir(base)
+    except FileNotFoundError:
+        return paths.MAX_SOCKETS
+    idents = {n[1:] for n in names if n[:1] in ("s", "l")}
+    return max(0, paths.MAX_SOCKETS - len(idents))
+
+
+def bench_scale(res: Results, reps: int, counts: Sequence[int] = SCALE_COUNTS) -> None:
+    """(i): the idle cost of 1, 10 and 100 servers, ours vs the reference.
+
+    Compared per server: the reference's run base is the per-user one, shared with
+    whatever else runs; its servers are started only as far as that fits without its
+    cleanup (which would stop other people's servers), and the note says so."""
+    s = "(i) idle servers of trivial scripts, all their processes"
+    for n in counts:
+        ours, one, many = _scale_side("o", n, True, reps)
+        n_ref = min(n, _reference_room())
+        if n_ref < 1:
+            raise BenchError("scale: the reference's run base holds 100 idents already")
+        ref, ref_one, ref_many = _scale_side("r", n_ref, False, reps)
+        if ref.servers < n:
+            res.notes.append(f"(i) {n} servers: {ref.servers} of the reference's were alive "
+                             f"when measured (its run base, {paths.run_base({})}, is shared: "
+                             "past 100 idents its cleanup stops servers); its figures are "
+                             f"for those, scaled to {n}.")
+        n_ref = ref.servers
+        ours_ps, ref_ps = ours.pss_kib / 1024 / n, ref.pss_kib / 1024 / n_ref
+        res.facts[f"i_pss_{n}"] = ours.pss_kib / 1024
+        res.facts[f"i_ref_pss_{n}"] = ref_ps * n
+        ratio = ours_ps / ref_ps
+        scaled_note = "" if n_ref == n else f" (x{n}/{n_ref})"
+        res.add(s, f"{n} server(s): reference PSS (USS)",
+                f"{ref_ps * n:.1f} MB ({ref.uss_kib / 1024 / n_ref * n:.1f} MB){scaled_note}")
+        res.add(s, f"{n} server(s): ours PSS (USS)",
+                f"{ours.pss_kib / 1024:.1f} MB ({ours.uss_kib / 1024:.1f} MB)",
+                f"{ratio:.2f}", "<= 1.0", verdict(ratio <= 1.0))
+        res.add(s, f"{n} server(s): per server, ours / reference",
+                f"{ours_ps:.2f} / {ref_ps:.2f} MB")
+        res.add(s, f"{n} server(s): processes per server, ours / reference",
+                f"{ours.procs / n:.2f} / {ref.procs / n_ref:.2f}"
+                + (f" ({ours.spares} spare(s) left)" if ours.spares else ""))
+        ref_for = "" if n_ref == n else f" for {n_ref}"
+        res.add(s, f"{n} server(s): inotify instances (watches), ours / reference",
+                f"{ours.instances} ({ours.watches}) / {ref.instances} ({ref.watches}){ref_for}",
+                "", "ours <= 2", verdict(ours.instances <= 2))
+        if n == max(counts):
+            r = many / one
+            res.facts.update(i_warm_one=one, i_warm_many=many)
+            res.add(s, f"warm call, ours: 1 server alive / {n} alive",
+                    f"{one:.2f} / {many:.2f} ms", f"{r:.2f}", "<= 1.1", verdict(r <= 1.1))
+            res.add(s, f"warm call, reference: 1 server alive / {n_ref} alive",
+                    f"{ref_one:.2f} / {ref_many:.2f} ms")
+
+
 # ------------------------------------------------------------------ output
 
 
@@ -1000,8 +1239,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="few repetitions (a smoke test)")
     ap.add_argument("--no-write", action="store_true", help="do not write docs/")
-    ap.add_argument("--only", default="apbcefgh", help="sections to run (default all: "
-                    "apbcefgh; c includes d)")
+    ap.add_argument("--only", default="apbcefghi", help="sections to run (default all: "
+                    "apbcefghi; c includes d)")
     ns = ap.parse_args()
     for p in (PYTHON, CLIENT, C_CLIENT, PERL):
         if not os.access(p, os.X_OK):
@@ -1020,6 +1259,7 @@ def main() -> int:
         ("f", lambda: bench_concurrency(res, 1 if q else 3)),
         ("g", lambda: bench_autoreload(res, 200 if q else 5000)),
         ("h", lambda: bench_exceptions(res, 5 if q else 21)),
+        ("i", lambda: bench_scale(res, 20 if q else 200, (1, 10) if q else SCALE_COUNTS)),
     ]
     for name, step in steps:
         if name not in ns.only:

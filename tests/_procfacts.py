@@ -41,8 +41,10 @@ def spares(server: int) -> list[int]:
 
 
 def watcher_of(sock_path: str) -> int:
-    """The pid of the watcher started for ``sock_path``."""
-    pids = cmdline_pids("prefork-watcher", sock_path)
+    """The pid of the watcher of ``sock_path``: the run directory's shared watcher (our
+    client's), else one started for that socket alone."""
+    pids = (cmdline_pids("--shared", os.path.dirname(sock_path))
+            or cmdline_pids("prefork-watcher", sock_path))
     assert len(pids) == 1, f"expected one watcher for {sock_path}, found {pids}"
     return pids[0]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -211,7 +212,8 @@ def test_idle_timeout_honoured_and_next_call_served(rig: Rig) -> None:
     wait_for(lambda: gone(first), what="the idle server to quit")
     assert time.monotonic() - t0 >= 0.3
     assert "quitting: idle for 0.3s" in log_text(rig.rundir)
-    assert not find_processes([rig.rundir])  # its watcher went with it
+    # The shared watcher retires once its last server is gone.
+    wait_for(lambda: not find_processes([rig.rundir]), what="the watcher gone with it")
     assert rig.ping(env=env) != first
 
 
@@ -255,7 +257,8 @@ def test_f_and_kill_do_not_cut_running_calls(rig: Rig, how: str) -> None:
         rc, out, err = rig.call(client_args=("--kill",))
         assert (rc, out, err) == (0, b"", b"")
         assert not [n for n in os.listdir(rig.rundir) if n[0] in "sl"]
-    wait_for(lambda: gone(watcher), what="the old watcher gone")
+        # No server left for the shared watcher (with -f the fresh one keeps it).
+        wait_for(lambda: gone(watcher), what="the watcher gone")
     wait_for(lambda: "stopped accepting (lost socket" in log_text(rig.rundir),
              what="the old server noticed")
     assert "2 running call(s) will finish first" in log_text(rig.rundir)
@@ -302,22 +305,38 @@ def test_server_killed_mid_call(rig: Rig) -> None:
     assert fresh != h.server
 
 
-@pytest.mark.parametrize("fault", ["watcher killed", "socket deleted"])
+def test_killed_watcher_takes_nothing_down(rig: Rig) -> None:
+    """The shared watcher killed: the server finds its socket still its own, hands itself
+    to a new watcher, and goes on serving, the running call untouched."""
+    h = rig.hold(exit_code=4)
+    watcher = watcher_of(socket_file(rig.rundir))
+    os.kill(watcher, signal.SIGKILL)
+    wait_for(lambda: "handed over to a new one" in log_text(rig.rundir),
+             what="the server handed over to a new watcher")
+    assert watcher_of(socket_file(rig.rundir)) != watcher
+    assert rig.ping() == h.server
+    h.finish()
+    assert rig.ping() == h.server
+    assert "lost socket" not in log_text(rig.rundir)
+
+
+@pytest.mark.parametrize("fault", ["socket deleted", "socket replaced"])
 def test_lost_socket_lets_calls_finish_then_a_fresh_server(rig: Rig, fault: str) -> None:
     h = rig.hold(exit_code=4)
     sock = socket_file(rig.rundir)
-    watcher = watcher_of(sock)
-    if fault == "watcher killed":
-        os.kill(watcher, signal.SIGKILL)
-    else:
-        os.unlink(sock)
+    os.unlink(sock)
+    if fault == "socket replaced":
+        stranger = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stranger.bind(sock)  # not listening: the next client replaces it in turn
+        stranger.close()
     wait_for(lambda: "stopped accepting (lost socket" in log_text(rig.rundir),
              what="the server noticed")
     fresh = rig.ping()
     assert fresh != h.server
     assert not gone(h.executor)
     h.finish()
-    wait_for(lambda: all_gone(h.server, watcher), what="old server and watcher gone")
+    wait_for(lambda: gone(h.server), what="the old server gone")
+    watcher_of(sock)  # one watcher (a shared one, maybe started anew for the fresh server)
     assert rig.ping() == fresh
 
 

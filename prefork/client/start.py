@@ -140,6 +140,22 @@ def _bind(sock_path: str) -> tuple[_socket.socket, int]:
     return listen_sock, birth_ns
 
 
+def _attach_watcher(sock_path: str) -> tuple[int, int, bool]:
+    """Hand the new server to the run directory's shared watcher (started if none runs):
+    (watch_in_w, watch_err_r, True).  If that fails, start a watcher of its own, as v1
+    does: (watch_in_w, watch_err_r, False)."""
+    from prefork.common import watchwire
+
+    run_dir, name = os.path.split(sock_path)
+    st = os.lstat(sock_path)
+    exe = _watcher_cmd(sock_path)[0]
+    try:
+        w_in, w_err = watchwire.attach(run_dir, name, st.st_dev, st.st_ino, [exe, "--shared"])
+    except (watchwire.WatchError, OSError):
+        return (*_spawn_watcher(sock_path), False)
+    return w_in, w_err, True
+
+
 def _spawn_watcher(sock_path: str) -> tuple[int, int]:
     """Start the watcher; return (watch_in_w, watch_err_r) for the server."""
     watch_in_r, watch_in_w = os.pipe2(os.O_CLOEXEC)
@@ -213,11 +229,11 @@ def _start(setup_argv: list[str], sock_path: str) -> Connection:
         with ExitStack() as server_ends:  # the server's copies: ours go once it is spawned
             server_ends.callback(listen_sock.close)
             server_ends.callback(call_server.close)
-            watch_in_w, watch_err_r = _spawn_watcher(sock_path)
+            watch_in_w, watch_err_r, shared = _attach_watcher(sock_path)
             server_ends.callback(os.close, watch_in_w)
             server_ends.callback(os.close, watch_err_r)
             pid = _spawn_setup(setup_argv, birth_ns, (
-                listen_sock.fileno(), call_server.fileno(), watch_in_w, watch_err_r))
+                listen_sock.fileno(), call_server.fileno(), watch_in_w, watch_err_r), shared)
         deadline = time.monotonic() + timeout
         status = _wait_setup(pid, deadline, timeout)
         if status != 0:
@@ -253,9 +269,11 @@ def _interp_hint(name: str) -> str:
     return interp.failure_hint(name, path, how, env)
 
 
-def _spawn_setup(argv: list[str], birth_ns: int, fds: tuple[int, int, int, int]) -> int:
+def _spawn_setup(argv: list[str], birth_ns: int, fds: tuple[int, int, int, int],
+                 shared_watcher: bool = False) -> int:
     """Spawn setup: ``argv`` with ``PREFORK_INTERP`` naming ``fds`` (LISTEN, CALL, WATCHI,
-    WATCHE), made inheritable here; stdin /dev/null, stdout on our stderr."""
+    WATCHE), made inheritable here (and ``pfw1`` if WATCHI/WATCHE lead to the shared
+    watcher); stdin /dev/null, stdout on our stderr."""
     listen_fd, _, _, watch_err_r = fds
     os.set_blocking(listen_fd, False)
     os.set_blocking(watch_err_r, False)
@@ -265,7 +283,8 @@ def _spawn_setup(argv: list[str], birth_ns: int, fds: tuple[int, int, int, int])
     # have changed it, e.g. LC_CTYPE from C-locale coercion), plus PREFORK_INTERP.
     env = dict(e.split(b"=", 1) for e in caller_env())
     env[envspec.ENV_NAME.encode()] = envspec.build(
-        birth_ns // 1_000_000_000, birth_ns % 1_000_000_000, *fds).encode()
+        birth_ns // 1_000_000_000, birth_ns % 1_000_000_000, *fds,
+        shared_watcher=shared_watcher).encode()
     try:
         return os.posix_spawnp(argv[0], argv, env, file_actions=[
             (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),

@@ -66,3 +66,9 @@ def log_name(ident: str) -> str:
 def stat_name(ident: str) -> str:
     """Our server's call statistics, ``p<IDENT>.stat`` (``prefork/server/stats.py``)."""
     return LOG_PREFIX + ident + STAT_SUFFIX
+
+
+#: The run directory's shared watcher (``prefork-watcher --shared``): its socket, and the
+#: lock under which one is started or retired.
+WATCHER_SOCKET_NAME = "pwatcher.sock"
+WATCHER_LOCK_NAME = "pwatcher.lock"

@@ -4,6 +4,10 @@ Format (v1): ``v1,SECS.NSECS LISTEN,CALL,WATCHI,WATCHE`` -- split on ASCII space
 first two words; split each on ``,`` and take the first items; anything further is ignored
 (room for extensions).  ``SECS.NSECS`` is the listening socket's mtime (``NSECS`` exactly nine
 digits): files of the program newer than this make the server stale.
+
+Our extension (ignored by the reference's script side, which reads two words): a third word,
+comma-separated tokens.  ``pfw1``: WATCHI/WATCHE lead to the run directory's shared watcher
+(``prefork.common.watchwire``), which also watches the files the server names on WATCHI.
 """
 
 from __future__ import annotations
@@ -18,25 +22,31 @@ class EnvSpecError(ValueError):
 class EnvSpec:
     """Parsed ``PREFORK_INTERP``."""
 
-    __slots__ = ("birth_ns", "call", "listen", "watch_err", "watch_in")
+    __slots__ = ("birth_ns", "call", "listen", "shared_watcher", "watch_err", "watch_in")
 
     def __init__(self, birth_ns: int, listen: int, call: int, watch_in: int,
-                 watch_err: int) -> None:
+                 watch_err: int, shared_watcher: bool = False) -> None:
         self.birth_ns = birth_ns
         self.listen = listen
         self.call = call
         self.watch_in = watch_in
         self.watch_err = watch_err
+        #: The ``pfw1`` token: the watcher is the shared one (see the module docstring).
+        self.shared_watcher = shared_watcher
 
     def fds(self) -> tuple[int, int, int, int]:
         """LISTEN, CALL, WATCHI, WATCHE in the contract's order."""
         return (self.listen, self.call, self.watch_in, self.watch_err)
 
 
+SHARED_WATCHER = "pfw1"
+
+
 def build(birth_sec: int, birth_nsec: int, listen: int, call: int, watch_in: int,
-          watch_err: int) -> str:
+          watch_err: int, *, shared_watcher: bool = False) -> str:
     """The variable's value for these fds and socket birth time."""
-    return f"v1,{birth_sec}.{birth_nsec:09d} {listen},{call},{watch_in},{watch_err}"
+    value = f"v1,{birth_sec}.{birth_nsec:09d} {listen},{call},{watch_in},{watch_err}"
+    return value + f" {SHARED_WATCHER}" if shared_watcher else value
 
 
 def _number(word: str, what: str, value: str) -> int:
@@ -67,4 +77,5 @@ def parse(value: str) -> EnvSpec:
     nums = [_number(f, "fd", value) for f in fds[:4]]
     if len(set(nums)) != 4 or min(nums) < 3:
         raise EnvSpecError(f"{ENV_NAME}={value!r}: fds must be four distinct numbers >= 3")
-    return EnvSpec(birth_ns, nums[0], nums[1], nums[2], nums[3])
+    shared = len(words) > 2 and SHARED_WATCHER in words[2].split(",")
+    return EnvSpec(birth_ns, nums[0], nums[1], nums[2], nums[3], shared)

@@ -146,9 +146,10 @@ class Entry:
     """whether the ident leaves the cwd out (``--any-cwd``), when it can be worked out."""
 
     def processes(self) -> list[ProcInfo]:
-        """Every process found for this entry: the server's tree, then the watcher."""
+        """Every process found for this entry: the server's tree, then the watcher -- unless
+        that is the run directory's shared watcher, which serves other servers too."""
         procs = list(self.server.walk()) if self.server is not None else []
-        if self.watcher is not None:
+        if self.watcher is not None and not is_shared_watcher(self.watcher.title):
             procs.append(self.watcher)
         return procs
 
@@ -466,7 +467,8 @@ def _with_server(ctx: _Scan, files: Entry, state: str, pid: int,
     client = None
     if watcher is not None:
         first = watcher.title.split(" ", 1)[0]
-        client = ("prefork-interp (Python)" if first == "prefork-watcher"
+        client = ("prefork-interp (Python)"
+                  if first == "prefork-watcher" or is_shared_watcher(watcher.title)
                   else "prefork-interp (C)" if "prefork-interp" in first else None)
     calls = sum(1 for c in server.children if not c.zombie and c.role != "spare")
     return replace(files, state=state, listen_inode=listen_inode, server=server,
@@ -502,17 +504,26 @@ def _descendants(ctx: _Scan, pid: int) -> list[int]:
     return out
 
 
+def is_shared_watcher(title: str | None) -> bool:
+    """Whether a process title is the run directory's shared watcher's
+    (``prefork-watcher --shared RUNDIR``, or the same code started by a server)."""
+    return bool(title) and " --shared " in f"{title} " and "prefork" in (title or "")
+
+
 def _watcher_pid(ctx: _Scan, server: int, tree: list[int], sock: str) -> int | None:
     """The watcher: outside the server's tree, its fd 0 (WATCHI) and fds 1/2 (WATCHE) are the
-    other ends of pipes the server holds (stray pipes inherited by both do not count). Failing
-    that (no pipe left), our watcher by its title ``prefork-watcher SOCKET``."""
+    other ends of pipes the server holds (stray pipes inherited by both do not count), or
+    the shared watcher holding them at any fd. Failing that (no pipe left), our watcher by
+    its title ``prefork-watcher SOCKET``."""
     inside = set(tree)
     counts: dict[int, int] = {}
     for fd_target in ctx.table.by_pid.get(server, {}).values():
         if not fd_target.startswith("pipe:["):
             continue
         for pid, fd in ctx.table.pipes.get(int(fd_target[6:-1]), []):
-            if fd <= 2 and pid not in inside and ctx.stats.get(pid, (0, "Z"))[1] != "Z":
+            if pid in inside or ctx.stats.get(pid, (0, "Z"))[1] == "Z":
+                continue
+            if fd <= 2 or is_shared_watcher(kernel.raw_title(pid)):
                 counts[pid] = counts.get(pid, 0) + 1
     if counts:
         return max(counts, key=lambda p: (counts[p], -p))
@@ -523,11 +534,24 @@ def _watcher_pid(ctx: _Scan, server: int, tree: list[int], sock: str) -> int | N
     return None
 
 
-def _watch_pipes(ctx: _Scan, watcher: int | None) -> tuple[str | None, str | None]:
-    """The watcher's WATCHI pipe (its fd 0) and WATCHE pipe (its fd 1), as link targets."""
+def _watch_pipes(ctx: _Scan, watcher: int | None, server: int
+                 ) -> tuple[str | None, str | None]:
+    """The watcher's WATCHI pipe (its fd 0) and WATCHE pipe (its fd 1), as link targets; for
+    the shared watcher, the pipes it shares with ``server``: the one the server writes is
+    WATCHI, the one it reads WATCHE."""
     if watcher is None:
         return None, None
     fds = ctx.table.by_pid.get(watcher, {})
+    if is_shared_watcher(kernel.raw_title(watcher)):
+        theirs = {t for t in fds.values() if t.startswith("pipe:[")}
+        watchi = watche = None
+        for fd, target in ctx.table.by_pid.get(server, {}).items():
+            if target in theirs:
+                if kernel.fd_access(server, fd) == "w":
+                    watchi = target
+                else:
+                    watche = target
+        return watchi, watche
     watchi, watche = fds.get(0), fds.get(1)
     return (watchi if watchi and watchi.startswith("pipe:[") else None,
             watche if watche and watche.startswith("pipe:[") else None)
@@ -608,7 +632,8 @@ _STDIO = {0: "stdin", 1: "stdout", 2: "stderr"}
 def _fd_notes(ctx: _Scan, pid: int, role: str, listen_inode: int | None,
               watcher: int | None, server: int) -> list[FdNote]:
     """The fds worth showing, each with what it is for."""
-    watchi, watche = _watch_pipes(ctx, watcher)
+    watchi, watche = _watch_pipes(ctx, watcher, server)
+    shared = watcher is not None and is_shared_watcher(kernel.raw_title(watcher))
     notes = []
     for fd, target in kernel.process_fds(pid).items():
         note = None
@@ -626,9 +651,13 @@ def _fd_notes(ctx: _Scan, pid: int, role: str, listen_inode: int | None,
                         "call's connection from setup)")
             elif role in ("server", "monitor"):
                 note = "a call's connection"
-        elif target in (watchi, watche) and (role != "watcher" or fd <= 2):
+        elif target in (watchi, watche) and (role != "watcher" or fd <= 2 or shared):
             access = kernel.fd_access(pid, fd)
-            if role == "watcher":
+            if shared and role != "watcher":
+                note = (f"WATCHI: shared watcher {watcher}'s sentinel, {access or '?'} end"
+                        if target == watchi else
+                        f"WATCHE: from shared watcher {watcher}, {access or '?'} end")
+            elif role == "watcher":
                 note = (f"WATCHI: sentinel, EOF when server {server} is gone"
                         if target == watchi else
                         f"WATCHE: server {server} reads it (EOF = socket gone)")

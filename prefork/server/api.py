@@ -7,8 +7,8 @@ process.  Run as a plain script, it returns at once and the script simply goes o
 
 from __future__ import annotations
 
+import _signal
 import os
-import signal
 import sys
 
 from prefork.common import consts
@@ -16,14 +16,14 @@ from prefork.common.consts import EXIT_FAILED
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import ctypes
-    import socket
+    import _socket as socket
     from collections.abc import Callable
     from typing import Any, NoReturn
 
     from prefork.common.envspec import EnvSpec
     from prefork.server.config import ServerConfig
     from prefork.server.log import ServerLog
+    from prefork.server.watchlink import WatchLink
 
 _extra_reload_paths: list[str] = []
 _server: object = None  # the Server, never freed (see _serve)
@@ -48,7 +48,7 @@ def initialisation_complete(**options: Any) -> None:
     """Become the server (under prefork-interp); return once per call, in its executor.
 
     The keywords (``max_servers``, ``idle_timeout``, ``autoreload``, ``autoreload_extra``,
-    ``log``, ``fast_exit``) are described, defaulted and checked in one place:
+    ``log``, ``fast_exit``, ``spare_idle``) are described, defaulted and checked in one place:
     ``prefork.server.config.ServerConfig.options``.  Run as a plain script, the options
     are checked and it returns at once.
     """
@@ -119,7 +119,7 @@ def _open_fds() -> set[int]:
 def adopt_endpoints(spec: EnvSpec) -> Endpoints:
     """Check the contract's fds (``PreforkSetupError`` says which is wrong), make them
     non-inheritable and wrap the sockets."""
-    import socket
+    import _socket as socket
 
     _check_fd(spec.listen, "LISTEN", True)
     _check_fd(spec.call, "CALL", True)
@@ -141,15 +141,15 @@ def adopt_endpoints(spec: EnvSpec) -> Endpoints:
     return Endpoints(listen_sock, call_sock, log_path, _open_fds() - set(spec.fds()))
 
 
-def _load_prctl() -> tuple[ctypes.CDLL | None, Callable[..., int] | None]:
-    """libc (for ``malloc_trim``) and its ``prctl`` (for PDEATHSIG), where there are."""
-    import ctypes
+def _load_prctl() -> Callable[..., int] | None:
+    """libc's ``prctl`` (for PDEATHSIG), where there is one; through ``_ctypes`` alone
+    (``prefork.common.cfunc``: the ``ctypes`` package would cost every idle server 0.7 MB)."""
+    from prefork.common import cfunc
 
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc, libc.prctl
-    except (OSError, AttributeError):
-        return None, None
+        return cfunc.function("prctl")
+    except AttributeError:
+        return None
 
 
 def _warn_threads(log: ServerLog) -> None:
@@ -182,11 +182,12 @@ def _detach(script: str) -> None:
     os.close(null)
 
 
-def _freeze_heap(fast_exit: bool, libc: ctypes.CDLL | None) -> bool:
+def _freeze_heap(fast_exit: bool) -> bool:
     """Ready the heap for forking (collected, frozen, trimmed) and arm the fast exit once
     for all executors; says whether it is armed."""
     import gc
 
+    from prefork.common import cfunc
     from prefork.server import fastexit
 
     fast = fast_exit and fastexit.install()
@@ -195,35 +196,44 @@ def _freeze_heap(fast_exit: bool, libc: ctypes.CDLL | None) -> bool:
     fastexit.remember_main_globals()
     gc.freeze()
     # glibc returns the heap's free pages to the kernel: fewer to copy at every fork.
-    trim = getattr(libc, "malloc_trim", None)
-    if trim is not None:
-        trim(0)
+    cfunc.malloc_trim()
     return fast
 
 
 def _serve(config: ServerConfig) -> bool:
     """Become the server; returns in each executor, saying whether its fast exit is armed."""
-    import locale  # noqa: F401 - for executors (see below)
-
     from prefork.server import autoreload as ar
     from prefork.server import fastexit, learn
     from prefork.server.log import ServerLog
     from prefork.server.loop import Server
 
-    # locale (rebuilding stdio) is imported here, once, for the executors: an import in
-    # every executor would cost more than all the rest of its set-up.
+    # (The executors rebuild stdio with ``_locale``, built in: no ``locale`` and ``re``
+    # imported here for them, which would cost every idle server 1.3 MB.)
     spec = config.spec
     ends = adopt_endpoints(spec)
     log = ServerLog(config.script, config.log, ends.log_path)
     # The dispositions the server changes (SIGPIPE: ignored, whatever the script chose, so
     # that writing to a client already gone is an error, not the server's death), given
     # back to the script in every executor.
-    saved = {int(s): signal.getsignal(s) for s in
-             (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGPIPE)}
-    reload = None
-    if config.autoreload:
-        reload = ar.Autoreload(spec.birth_ns, [*ar.module_files(), *config.reload_paths])
-    libc, prctl = _load_prctl()
+    saved = {int(s): _signal.getsignal(s) for s in
+             (_signal.SIGCHLD, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGINT, _signal.SIGPIPE)}
+    files = [*ar.module_files(), *config.reload_paths] if config.autoreload else []
+    reload: ar.Autoreload | WatchLink | None = None
+    link = None
+    if spec.shared_watcher:  # our client: the run directory's shared watcher
+        from prefork.common.watchwire import WatchError
+        from prefork.server.watchlink import WatchLink
+
+        link = WatchLink(ends.listen_sock.getsockname(), spec.birth_ns, files,
+                         spec.watch_in, spec.watch_err)
+        try:
+            link.start()
+            reload = link if config.autoreload else None
+        except (WatchError, OSError) as e:
+            log.warning(f"shared watcher: {e}; the program's files are watched here")
+    if config.autoreload and reload is None:
+        reload = ar.Autoreload(spec.birth_ns, files)
+    prctl = _load_prctl()
     sys.stdout.flush()
     sys.stderr.flush()
     _warn_threads(log)
@@ -239,8 +249,9 @@ def _serve(config: ServerConfig) -> bool:
                         birth_ns=spec.birth_ns, log=log, max_servers=config.max_servers,
                         idle_timeout=config.idle_timeout, autoreload=reload,
                         saved_signals=saved, keep_fds=ends.keep_fds, script=config.script,
-                        prctl=prctl, set_title=_title, learner=learner)
-        fast = _freeze_heap(config.fast_exit, libc)
+                        prctl=prctl, set_title=_title, learner=learner, watch_link=link,
+                        spare_idle=config.spare_idle)
+        fast = _freeze_heap(config.fast_exit)
         # Kept referenced for good: in an executor, run() returns and dropping the server
         # would free its objects one by one (every one written to, so copied).
         global _server
@@ -261,28 +272,29 @@ _setproctitle: object = None  # setproctitle's C function, once loaded; False: u
 def _load_setproctitle() -> object:
     """``setproctitle``'s C extension, loaded without its package: the package's
     ``__init__`` imports ``logging``, which imports ``threading``, whose fork handler every
-    executor of a script that does not use threads would then pay for."""
+    executor of a script that does not use threads would then pay for.  Found on
+    ``sys.path`` and loaded with the import system's own (frozen, always loaded) pieces:
+    ``importlib.util`` would cost every idle server 0.2 MB."""
     try:
-        import importlib.machinery
-        import importlib.util
+        import _imp
 
-        spec = importlib.util.find_spec("setproctitle")
-        for folder in (spec.submodule_search_locations or []) if spec else []:
-            for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        bootstrap = sys.modules["_frozen_importlib"]
+        external = sys.modules["_frozen_importlib_external"]
+        name = "setproctitle._setproctitle"
+        for entry in sys.path:
+            folder = os.path.join(entry or os.curdir, "setproctitle")
+            for suffix in _imp.extension_suffixes():
                 path = os.path.join(folder, "_setproctitle" + suffix)
                 if os.path.exists(path):
-                    loader = importlib.machinery.ExtensionFileLoader(
-                        "setproctitle._setproctitle", path)
-                    ext_spec = importlib.util.spec_from_file_location(
-                        "setproctitle._setproctitle", path, loader=loader)
-                    assert ext_spec is not None
-                    module = importlib.util.module_from_spec(ext_spec)
+                    loader = external.ExtensionFileLoader(name, path)
+                    module = bootstrap.module_from_spec(
+                        bootstrap.spec_from_loader(name, loader, origin=path))
                     loader.exec_module(module)
                     return module.setproctitle
         import setproctitle  # no C extension found where expected: the package's own way
 
         return setproctitle.setproctitle
-    except (ImportError, OSError, ValueError, AssertionError):
+    except (ImportError, OSError, ValueError, KeyError, AttributeError):
         return False
 
 

@@ -49,17 +49,15 @@ def module_files() -> list[str]:
 
 
 def _inotify() -> tuple[int, Callable[[int, bytes, int], int]] | None:
-    try:
-        import ctypes
+    from prefork.common import cfunc
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        fd = int(libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC))
+    try:
+        fd = cfunc.function("inotify_init1")(_IN_NONBLOCK | _IN_CLOEXEC)
+        add = cfunc.function("inotify_add_watch")
     except (OSError, AttributeError):
         return None
     if fd < 0:
         return None
-    add = libc.inotify_add_watch
-    add.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32)
     return fd, add
 
 

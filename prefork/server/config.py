@@ -51,6 +51,16 @@ def _idle_timeout(value: object) -> float | None:
     return value
 
 
+def _spare_idle(value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ConfigError(f"spare_idle must be a number of seconds or None, not {value!r}")
+    if value < 0 or math.isinf(value):
+        return None  # never let go
+    return value
+
+
 def _reload_paths(value: object) -> tuple[str, ...]:
     if isinstance(value, (str, bytes, os.PathLike)):
         raise ConfigError(f"autoreload_extra must be a list of paths, not one path: {value!r}")
@@ -77,7 +87,7 @@ class ServerConfig:
     """
 
     __slots__ = ("autoreload", "fast_exit", "idle_timeout", "learn", "log", "max_servers",
-                 "reload_paths", "script", "spec")
+                 "reload_paths", "script", "spare_idle", "spec")
 
     spec: envspec.EnvSpec
     script: str
@@ -88,6 +98,7 @@ class ServerConfig:
     log: str | None
     fast_exit: bool
     learn: bool
+    spare_idle: float | None
 
     def __init__(self, spec: envspec.EnvSpec, script: str, also_check: Iterable[str] = (),
                  **options: Any) -> None:
@@ -103,7 +114,7 @@ class ServerConfig:
     def options(*, max_servers: int = 4, idle_timeout: float | None = 3600.0,
                 autoreload: bool = True, autoreload_extra: Iterable[str] = (),
                 log: str | None = None, fast_exit: bool = True,
-                learn: bool = False) -> dict[str, Any]:
+                learn: bool = False, spare_idle: float | None = 30.0) -> dict[str, Any]:
         """``initialisation_complete()``'s keywords, checked (``ConfigError``; an unknown
         keyword is a ``TypeError``, as for any call) and normalised.
 
@@ -117,7 +128,9 @@ class ServerConfig:
         the modules the call imported (if fork-safe) and compile its regexes, remembered for
         the next server of this identity (``prefork.server.learn``); off by default for a
         script, whose own setup decides what its server holds (``prefork-server`` turns it
-        on).
+        on).  ``spare_idle``: seconds without calls after which the executor forked ahead of
+        the next call (the spare) is let go, the next call forking one (None, negative or
+        infinite: never): an idle server is smaller.
         """
         return {"max_servers": _max_servers(max_servers),
                 "idle_timeout": _idle_timeout(idle_timeout),
@@ -125,7 +138,7 @@ class ServerConfig:
                 "autoreload_extra": _reload_paths(autoreload_extra),
                 "log": _log(log),
                 "fast_exit": bool(fast_exit),
-                "learn": bool(learn)}
+                "learn": bool(learn), "spare_idle": _spare_idle(spare_idle)}
 
     @classmethod
     def from_contract(cls, value: str, script: str, also_check: Iterable[str] = (),

@@ -12,7 +12,6 @@ import _signal
 import io
 import os
 import resource
-import signal
 import sys
 
 from prefork.common import protocol
@@ -76,13 +75,16 @@ def configure_locale() -> tuple[bool, str, list[bytes]]:
     Returns ``(utf8_mode, LC_CTYPE locale name, warnings for stderr)``.
     ``sys.flags.utf8_mode`` itself, the filesystem encoding and the default encoding of
     ``open()`` stay the server's.
+
+    ``_locale`` (C) rather than ``locale``: for these calls they are the same, and
+    ``locale`` imports ``re`` (1.3 MB in every idle server of a script that does not).
     """
-    import locale
+    import _locale as locale
 
     def from_env() -> str:
         try:
             return locale.setlocale(locale.LC_CTYPE, "")
-        except locale.Error:
+        except locale.Error:  # type: ignore[attr-defined]  # (missing from typeshed)
             return locale.setlocale(locale.LC_CTYPE, "C")
 
     warnings: list[bytes] = []
@@ -99,7 +101,7 @@ def configure_locale() -> tuple[bool, str, list[bytes]]:
         for target in _COERCION_TARGETS:
             try:
                 locale.setlocale(locale.LC_CTYPE, target)
-            except locale.Error:
+            except locale.Error:  # type: ignore[attr-defined]
                 continue
             if not locale.nl_langinfo(locale.CODESET):
                 continue
@@ -119,8 +121,8 @@ def stdio_encoding(utf8: bool, ctype: str) -> tuple[str, str]:
     """(encoding, errors) of stdin/stdout as CPython's ``config_init_stdio_encoding``
     chooses them: PYTHONIOENCODING, then UTF-8 mode, then the LC_CTYPE locale; the encoding
     is normalised to its codec name."""
+    import _locale as locale
     import codecs
-    import locale
 
     encoding = errors = None
     spec = _startup_env("PYTHONIOENCODING")
@@ -290,13 +292,13 @@ def set_pdeathsig(sig: int, prctl: Callable[..., int] | None) -> None:
 def restore_signals(saved: Mapping[int, object]) -> None:
     """Give back the dispositions the script had before initialisation_complete().  (Every
     signal is blocked meanwhile: the server unblocks them when the executor is ready.)"""
-    signal.set_wakeup_fd(-1)
+    _signal.set_wakeup_fd(-1)
     for sig, saved_handler in saved.items():
         handler = saved_handler
         if isinstance(handler, int):  # signal.Handlers.SIG_DFL/SIG_IGN: _signal wants its own
             handler = _signal.SIG_IGN if handler == _signal.SIG_IGN else _signal.SIG_DFL
         try:
-            # _signal: signal.signal would turn the old handler into an enum member.
+            # _signal: _signal.signal would turn the old handler into an enum member.
             _signal.signal(sig, handler)
         except (OSError, ValueError, TypeError):
             pass
@@ -304,11 +306,11 @@ def restore_signals(saved: Mapping[int, object]) -> None:
 
 def _python_default(sig: int) -> object:
     """The disposition Python gives ``sig`` at start-up when the caller left it at default."""
-    if sig == signal.SIGINT:
-        return signal.default_int_handler
-    if sig in (signal.SIGPIPE, signal.SIGXFSZ):
-        return signal.SIG_IGN
-    return signal.SIG_DFL
+    if sig == _signal.SIGINT:
+        return _signal.default_int_handler
+    if sig in (_signal.SIGPIPE, _signal.SIGXFSZ):
+        return _signal.SIG_IGN
+    return _signal.SIG_DFL
 
 
 _RLIMITS = tuple(getattr(resource, n) for n in (
@@ -343,11 +345,11 @@ def inherit_from_client(pid: int) -> list[int]:
         if key in (b"SigIgn", b"SigBlk"):
             masks[key] = int(value.strip(), 16)
     for sig in _signals_in(masks.get(b"SigIgn", 0)):
-        if sig in (signal.SIGKILL, signal.SIGSTOP):
+        if sig in (_signal.SIGKILL, _signal.SIGSTOP):
             continue
         try:
-            if signal.getsignal(sig) == _python_default(sig):
-                signal.signal(sig, signal.SIG_IGN)
+            if _signal.getsignal(sig) == _python_default(sig):
+                _signal.signal(sig, _signal.SIG_IGN)
         except (OSError, ValueError):
             pass
     for res in _RLIMITS:

@@ -44,14 +44,14 @@ unfreezing the heap so that the final collection finds the cycles the server mad
 
 from __future__ import annotations
 
+import _signal
+import _weakref
 import atexit
 import gc
 import io
 import os
-import signal
 import sys
 import types
-import weakref
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -296,14 +296,14 @@ def _flush_open_files() -> None:
 
 
 #: Weak references to the file objects open when the server froze its heap.
-_pre_fork_files: list[weakref.ref[object]] = []
+_pre_fork_files: list[_weakref.ReferenceType[object]] = []
 
 
 def remember_open_files() -> None:
     """In the server, just before ``gc.freeze()``: note the open file objects, so that an
     executor can flush them at its fast exit."""
     kinds = (io.BufferedWriter, io.BufferedRandom, io.TextIOWrapper)
-    _pre_fork_files[:] = [weakref.ref(o) for o in gc.get_objects()
+    _pre_fork_files[:] = [_weakref.ref(o) for o in gc.get_objects()
                           if isinstance(o, kinds) and not o.closed]
 
 
@@ -397,7 +397,7 @@ def finish(status: int | None, exc: BaseException | None) -> None:
             status = 1
     finally:
         if sigint:
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGINT)
-            status = 128 + signal.SIGINT
+            _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
+            os.kill(os.getpid(), _signal.SIGINT)
+            status = 128 + _signal.SIGINT
         os._exit(status & 0xFF if status is not None else 1)

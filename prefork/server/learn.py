@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
     from prefork.server.autoreload import Autoreload
     from prefork.server.log import ServerLog
+    from prefork.server.watchlink import WatchLink
 
 #: Largest report an executor sends (a datagram; what does not fit is dropped).
 MAX_REPORT = 60_000
@@ -502,14 +503,14 @@ class Learner:
         self.pending: dict[str, None] = {}
         self.pending_re: dict[tuple[str, str, int], None] = {}
         self.sock: _socket.socket | None = None
-        self.autoreload: Autoreload | None = None
+        self.autoreload: Autoreload | WatchLink | None = None
         self.effects = setup_effects
         self.deferred: list[tuple[Callable[..., object], tuple[object, ...],
                                   dict[str, object]]] = []
 
     # --------------------------------------------------- set-up (in the server, before freeze)
 
-    def start(self, autoreload: Autoreload | None) -> None:
+    def start(self, autoreload: Autoreload | WatchLink | None) -> None:
         """Open the report socket, start warm from the saved state, deal with the setup's
         atexit handlers."""
         self.autoreload = autoreload

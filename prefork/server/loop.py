@@ -2,7 +2,7 @@
 
 The server is its own monitor: for every call it sends the greeting, reads the request
 without blocking, hands it to an executor, and then watches both the executor (SIGCHLD
-through ``signal.set_wakeup_fd``, reaped in the loop with ``waitpid(-1, WNOHANG|WUNTRACED|
+through ``_signal.set_wakeup_fd``, reaped in the loop with ``waitpid(-1, WNOHANG|WUNTRACED|
 WCONTINUED)``) and the call socket (EOF: the client is gone; x1 records: signals to forward).
 When the executor exits, its wait status goes back to the client.
 
@@ -27,13 +27,10 @@ the loop at one point: ``_fork_spare`` raises ``TookCall``, which only ``run()``
 from __future__ import annotations
 
 import _signal
+import _socket
+import _struct
 import errno
-import functools
 import os
-import selectors
-import signal
-import socket
-import struct
 import sys
 import time
 
@@ -41,6 +38,7 @@ from prefork.common import fdio, protocol
 from prefork.common.consts import DELIVERABLE_SIGNALS
 from prefork.server import executor
 from prefork.server.autoreload import Autoreload
+from prefork.server.poller import EVENT_READ, Poller
 from prefork.server.spare import become_spare
 from prefork.server.stats import CallStats
 
@@ -51,16 +49,26 @@ if TYPE_CHECKING:
     from prefork.server.learn import Learner
     from prefork.server.log import ServerLog
     from prefork.server.spare import Closable
+    from prefork.server.watchlink import WatchLink
 
 _READS_PER_TURN = 8       # reads of one connection's request per turn of the loop, at most
 REQUEST_TIMEOUT = 30.0   # a connection must deliver its request within this
 KILL_GRACE = 0.5         # SIGINT to a call whose client vanished, then SIGKILL after this
-_PEERCRED = struct.Struct("3i")
+_PEERCRED = _struct.Struct("3i")
 #: Every signal number, as ints: ``_signal`` rather than ``signal`` around the fork, whose
 #: wrappers turn each of the 64 into an enum member, on every call.
 _ALL_SIGNALS = frozenset(_signal.valid_signals())
+#: Signal names by number, for the log (``_signal``: see ``_ALL_SIGNALS``).
+_SIGNAMES = {getattr(_signal, n): n for n in dir(_signal)
+             if n.startswith("SIG") and not n.startswith("SIG_") and "RT" not in n}
+
+
+def _signame(signum: int) -> str:
+    return _SIGNAMES.get(signum, f"signal {signum}")
+
+
 #: Signals the server handles (through its wakeup fd).
-_HANDLED = (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+_HANDLED = (_signal.SIGCHLD, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGINT)
 
 
 class Call:
@@ -68,8 +76,8 @@ class Call:
 
     __slots__ = ("deadline", "extended", "kill_at", "parser", "pending", "pid", "sock")
 
-    def __init__(self, sock: socket.socket, x1: bool, now: float) -> None:
-        self.sock: socket.socket | None = sock
+    def __init__(self, sock: _socket.socket, x1: bool, now: float) -> None:
+        self.sock: _socket.socket | None = sock
         self.parser: protocol.RequestParser | None = protocol.RequestParser(x1)
         self.pid = 0
         self.extended = False
@@ -84,9 +92,9 @@ class Spare:
 
     __slots__ = ("environ", "handover_sock", "pid")
 
-    def __init__(self, pid: int, handover_sock: socket.socket, environ: object) -> None:
+    def __init__(self, pid: int, handover_sock: _socket.socket, environ: object) -> None:
         self.pid = pid
-        self.handover_sock: socket.socket | None = handover_sock
+        self.handover_sock: _socket.socket | None = handover_sock
         #: ``Server.environ`` when it was forked: the environment it already has.
         self.environ = environ
 
@@ -99,19 +107,23 @@ class TookCall(BaseException):
 
 #: A hand-over must be taken within this (a spare that does not read is killed).
 HANDOVER_TIMEOUT = 5.0
+#: Seconds without a call after which the spare is let go (forked again with the next call).
+SPARE_IDLE = 30.0
 
 
 class Server:
     """The accept / fork / reap loop (see module docstring)."""
 
-    def __init__(self, *, listen_sock: socket.socket, call_sock: socket.socket,
+    def __init__(self, *, listen_sock: _socket.socket, call_sock: _socket.socket,
                  watch_in_fd: int, watch_err_fd: int, birth_ns: int, log: ServerLog,
-                 max_servers: int, idle_timeout: float | None, autoreload: Autoreload | None,
+                 max_servers: int, idle_timeout: float | None,
+                 autoreload: Autoreload | WatchLink | None,
                  saved_signals: Mapping[int, object], keep_fds: set[int], script: str,
                  prctl: Callable[..., int] | None,
                  set_title: Callable[[str], None] | None = None,
-                 learner: Learner | None = None) -> None:
-        self.listen_sock: socket.socket | None = listen_sock
+                 learner: Learner | None = None, watch_link: WatchLink | None = None,
+                 spare_idle: float | None = SPARE_IDLE) -> None:
+        self.listen_sock: _socket.socket | None = listen_sock
         self.first_call_sock = call_sock
         self.watch_in_fd = watch_in_fd
         self.watch_err_fd = watch_err_fd
@@ -120,6 +132,14 @@ class Server:
         self.max_servers = max_servers
         self.idle_timeout = idle_timeout
         self.autoreload = autoreload
+        #: The shared watcher (our client): it owns WATCHI/WATCHE then.
+        self.watch_link = watch_link
+        if watch_link is not None:
+            self.watch_in_fd = self.watch_err_fd = -1
+        #: The spare is let go after this long without calls (the fork ahead of a call
+        #: saves time only under traffic; an idle server is smaller without it).
+        self.spare_idle = spare_idle
+        self.spare_let_go = False
         self.saved_signals = saved_signals
         self.keep_fds = keep_fds
         self.script = script
@@ -128,11 +148,11 @@ class Server:
         #: Learns from calls, checks the setup's side effects (prefork.server.learn).
         self.learner = learner
         self.server_pid = os.getpid()
-        self.calls: dict[socket.socket, Call] = {}
+        self.calls: dict[_socket.socket, Call] = {}
         self.by_pid: dict[int, Call] = {}
         self.quitting: str | None = None
         self.uid = os.getuid()
-        self.sel = selectors.DefaultSelector()
+        self.sel = Poller()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.accepting = False
         self.last_activity = time.monotonic()
@@ -149,10 +169,10 @@ class Server:
     # ------------------------------------------------------------ set-up
 
     def _install_signals(self) -> None:
-        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        _signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         for sig in _HANDLED:
-            signal.signal(sig, self._note_signal)
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # given back in executors (saved)
+            _signal.signal(sig, self._note_signal)
+        _signal.signal(_signal.SIGPIPE, _signal.SIG_IGN)  # given back in executors (saved)
 
     def _note_signal(self, signum: int, frame: object) -> None:
         """Handlers only wake the loop (the byte arrives on ``wake_r``)."""
@@ -167,8 +187,8 @@ class Server:
 
     def _serve(self) -> None:
         self._install_signals()
-        self.sel.register(self.wake_r, selectors.EVENT_READ, self._drain_wakeups)
-        self.sel.register(self.watch_err_fd, selectors.EVENT_READ, self._watch_event)
+        self.sel.register(self.wake_r, EVENT_READ, self._drain_wakeups)
+        self.sel.register(self._watch_fd(), EVENT_READ, self._watch_event)
         self._add_call(self.first_call_sock)
         self._set_accepting(True)
         self.log.info(f"server started (pid {os.getpid()}, max_servers {self.max_servers}, "
@@ -192,6 +212,9 @@ class Server:
         if self.idle_timeout is not None and not self.calls and not self.by_pid \
                 and self.quitting is None:
             deadlines.append(self.last_activity + self.idle_timeout)
+        if self.spare is not None and self.spare_idle is not None and not self.calls \
+                and not self.by_pid:
+            deadlines.append(self.last_activity + self.spare_idle)
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - now)
@@ -220,7 +243,7 @@ class Server:
         # The next spare is forked once no call is left running, or when one has just
         # ended: not while a call that was just handed out runs, where the fork (long for
         # a big heap) would hold up the server's reply to it, on the same few cores.
-        if self.spare is None and (self.call_ended or not self.by_pid):
+        if self.spare is None and not self.spare_let_go and (self.call_ended or not self.by_pid):
             self.call_ended = False
             if self.learner is not None and not self.by_pid and self.quitting is None \
                     and self.learner.due():
@@ -235,8 +258,8 @@ class Server:
         except BlockingIOError:
             return
         for signum in data:
-            if signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-                self._begin_quit(f"got signal {signal.Signals(signum).name}")
+            if signum in (_signal.SIGTERM, _signal.SIGHUP, _signal.SIGINT):
+                self._begin_quit(f"got signal {_signame(signum)}")
 
     def _timers(self, now: float) -> None:
         for call in list(self.calls.values()):
@@ -247,10 +270,14 @@ class Server:
         for call in list(self.by_pid.values()):
             if call.kill_at is not None and now >= call.kill_at:
                 call.kill_at = None
-                self._killpg(call.pid, signal.SIGKILL)
+                self._killpg(call.pid, _signal.SIGKILL)
         if (self.idle_timeout is not None and self.quitting is None and not self.calls
                 and not self.by_pid and now >= self.last_activity + self.idle_timeout):
             self._begin_quit(f"idle for {self.idle_timeout:g}s")
+        if (self.spare is not None and self.spare_idle is not None and not self.calls
+                and not self.by_pid and now >= self.last_activity + self.spare_idle):
+            self.spare_let_go = True  # forked again when a call comes
+            self._drop_spare()
 
     def _begin_quit(self, why: str) -> None:
         """Stop accepting; running calls are finished first; the watcher is released."""
@@ -265,12 +292,14 @@ class Server:
         if self.listen_sock is not None:
             self.listen_sock.close()
             self.listen_sock = None
+        try:
+            self.sel.unregister(self._watch_fd())
+        except (KeyError, ValueError):
+            pass
+        if self.watch_link is not None:
+            self.watch_link.close()
         for fd in (self.watch_in_fd, self.watch_err_fd):
             if fd >= 0:
-                try:
-                    self.sel.unregister(fd)
-                except (KeyError, ValueError):
-                    pass
                 os.close(fd)
         self.watch_in_fd = self.watch_err_fd = -1
 
@@ -281,7 +310,7 @@ class Server:
         self.accepting = on
         if on:
             assert self.listen_sock is not None
-            self.sel.register(self.listen_sock, selectors.EVENT_READ, self._accept)
+            self.sel.register(self.listen_sock, EVENT_READ, self._accept)
         elif self.listen_sock is not None:
             self.sel.unregister(self.listen_sock)
 
@@ -291,7 +320,40 @@ class Server:
         starting = sum(1 for c in self.calls.values() if c.parser is not None)
         return 0 <= self.max_servers <= len(self.by_pid) + starting
 
+    def _watch_fd(self) -> int:
+        return self.watch_err_fd if self.watch_link is None else self.watch_link.watch_err_fd
+
+    def _link_event(self, link: WatchLink) -> None:
+        """WATCHE from the shared watcher: stale, an error, or EOF -- the socket gone, or
+        the watcher itself (then the server hands itself to a new one and carries on)."""
+        link.feed()
+        if link.told is not None:
+            self.log.info(f"reloading: {link.told} changed since the server started")
+            self._begin_quit(f"stale ({link.told})")
+        elif link.error is not None:
+            self.log.error(f"watcher: {link.error}")
+            self._begin_quit("watcher reported an error")
+        elif link.eof:
+            if not link.socket_is_ours():
+                self._begin_quit("lost socket (fresh start, --kill or cleanup)")
+                return
+            from prefork.common.watchwire import WatchError
+
+            self.sel.unregister(link.watch_err_fd)
+            try:
+                link.reattach()
+            except (WatchError, OSError) as e:
+                self.log.error(f"the shared watcher was lost and no other could take over: {e}")
+                link.close()
+                self._begin_quit("lost the watcher")
+                return
+            self.sel.register(link.watch_err_fd, EVENT_READ, self._watch_event)
+            self.log.warning("the shared watcher was lost: handed over to a new one")
+
     def _watch_event(self) -> None:
+        if self.watch_link is not None:
+            self._link_event(self.watch_link)
+            return
         try:
             data = os.read(self.watch_err_fd, 2048)
         except BlockingIOError:
@@ -316,13 +378,14 @@ class Server:
                 return
         while self.accepting and not self._full():
             try:
-                conn, _ = self.listen_sock.accept()
+                conn_fd, _ = self.listen_sock._accept()  # type: ignore[attr-defined]
             except BlockingIOError:
                 return
             except OSError as e:
                 self.log.warning(f"accept failed: {e}")
                 return
-            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+            conn = _socket.socket(fileno=conn_fd)  # close-on-exec (accept4)
+            creds = conn.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, _PEERCRED.size)
             pid, uid, _gid = _PEERCRED.unpack(creds)
             if uid != self.uid:
                 self.log.warning(f"refused a connection from uid {uid} (pid {pid}): "
@@ -333,8 +396,9 @@ class Server:
         if self._full():
             self._set_accepting(False)
 
-    def _add_call(self, sock: socket.socket) -> None:
+    def _add_call(self, sock: _socket.socket) -> None:
         self.last_activity = time.monotonic()
+        self.spare_let_go = False
         sock.setblocking(False)
         call = Call(sock, True, self.last_activity)
         try:
@@ -345,8 +409,8 @@ class Server:
             sock.close()
             return
         self.calls[sock] = call
-        self.sel.register(sock, selectors.EVENT_READ,
-                          functools.partial(self._call_readable, call))
+        self.sel.register(sock, EVENT_READ,
+                          lambda: self._call_readable(call))
 
     def _drop(self, call: Call) -> None:
         """Forget the connection (closing any fds it had delivered)."""
@@ -385,7 +449,7 @@ class Server:
             if call.parser is None or call.sock is None:
                 return
 
-    def _read_call(self, call: Call, sock: socket.socket, maxfds: int) -> None:
+    def _read_call(self, call: Call, sock: _socket.socket, maxfds: int) -> None:
         """One read from a call's socket (see ``_call_readable``); ``BlockingIOError`` when
         there is nothing to read."""
         try:
@@ -439,7 +503,7 @@ class Server:
         """EOF on the call socket: the caller is gone; end its executor's process group."""
         self._forget_sock(call)
         if call.pid:
-            self._killpg(call.pid, signal.SIGINT)
+            self._killpg(call.pid, _signal.SIGINT)
             call.kill_at = time.monotonic() + KILL_GRACE
 
     def _killpg(self, pgid: int, sig: int) -> None:
@@ -491,7 +555,7 @@ class Server:
         if req.extended and call.sock is not None:
             try:
                 client_pid = _PEERCRED.unpack(call.sock.getsockopt(
-                    socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))[0]
+                    _socket.SOL_SOCKET, _socket.SO_PEERCRED, _PEERCRED.size))[0]
             except OSError:
                 pass
         pid = None
@@ -543,7 +607,7 @@ class Server:
 
     def _kill_spare(self, pid: int) -> None:
         try:
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, _signal.SIGKILL)
         except ProcessLookupError:
             pass
 
@@ -572,18 +636,18 @@ class Server:
                                  "calling thread exists in executors (see docs/transparency.md)")
         sys.stdout.flush()
         sys.stderr.flush()
-        server_end, spare_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        server_end, spare_end = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
         # Every signal stays blocked across the fork, and in the spare until it has its
         # call: until it has dropped our wakeup fd and handlers, a signal sent to it would
         # land in the server's wakeup pipe and be taken for the server's own; and until it
         # has the caller's fds, stdio and the script's handlers, a forwarded signal would
         # be handled by the wrong code.  Pending ones are delivered when it unblocks them,
         # as if they had arrived just then.
-        old_mask = _signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
+        old_mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, _ALL_SIGNALS)
         try:
             pid = os.fork()
         except OSError as e:
-            _signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            _signal.pthread_sigmask(_signal.SIG_SETMASK, old_mask)
             server_end.close()
             spare_end.close()
             self.log.error(f"cannot fork an executor: {e}")
@@ -598,7 +662,7 @@ class Server:
                 title=f"{self.script} [spare]", set_title=self.set_title,
                 environ_skipped=self.environ[1] if self.environ is not None else [])
             raise TookCall
-        _signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, old_mask)
         spare_end.close()
         try:
             os.setpgid(pid, pid)
@@ -607,7 +671,7 @@ class Server:
         self.spare = Spare(pid, server_end, self.environ)
         self.spare_pids.add(pid)
 
-    def _held_objects(self, server_end: socket.socket) -> Iterator[Closable]:
+    def _held_objects(self, server_end: _socket.socket) -> Iterator[Closable]:
         """What holds the server's fds (for a child to close: see ``spare.become_spare``).
         A generator: nothing of it runs before the child's guarded set-up does."""
         yield server_end
@@ -664,7 +728,7 @@ class Server:
                     self._begin_quit(undone)  # before the answer: the next call restarts
             self.last_activity = time.monotonic()
             if os.WIFSIGNALED(status) and os.WTERMSIG(status) not in (
-                    signal.SIGPIPE, signal.SIGINT, signal.SIGKILL) and call.kill_at is None:
+                    _signal.SIGPIPE, _signal.SIGINT, _signal.SIGKILL) and call.kill_at is None:
                 self.log.info(f"executor {pid} died of signal {os.WTERMSIG(status)}")
             if call.sock is not None:
                 if call.extended:

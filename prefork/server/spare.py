@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import _signal
 import os
-import signal
 import sys
 
 from prefork.common import fdio, protocol
@@ -21,7 +20,7 @@ from prefork.server import executor
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import socket
+    import _socket as socket
     from collections.abc import Callable, Iterable, Mapping
     from typing import Protocol
 
@@ -47,7 +46,7 @@ def become_spare(handover_sock: socket.socket, *, server_pid: int,
     status: int | None = EXIT_FAILED
     try:
         os.setpgid(0, 0)
-        executor.set_pdeathsig(signal.SIGKILL, prctl)
+        executor.set_pdeathsig(_signal.SIGKILL, prctl)
         if os.getppid() != server_pid:  # the server died before PDEATHSIG was set
             status = 1
             return
@@ -111,4 +110,4 @@ def _take_call(req: protocol.Request, with_env: bool, plan: executor.StdioPlan |
         print(f"prefork: warning: environment entries with invalid names dropped: "
               f"{skipped!r}", file=sys.stderr)
     # Blocked since before the fork; now the caller's mask, as across exec.
-    _signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    _signal.pthread_sigmask(_signal.SIG_SETMASK, blocked)

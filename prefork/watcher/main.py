@@ -23,22 +23,26 @@ inotify event and the reason when it exits; stdin is the sentinel only with ``--
 Exit statuses: 0 normal (socket gone or sentinel closed), 1 error (message on stderr),
 2 usage.
 
-This module is imported on the cold path: it imports only argparse and built-in modules at
-load time; pyinotify is imported after daemonising.
+With ``--shared RUNDIR`` it is instead the one watcher of every server of a run directory
+(``prefork.watcher.shared``); ``--list RUNDIR`` prints what that watcher holds.
+
+This module imports only built-in modules at load time (``argparse`` when the per-server
+command line is parsed; none of it for ``--shared``, which stays resident); pyinotify is
+imported after daemonising.
 """
 
 from __future__ import annotations
 
-import argparse
+import _signal
 import os
 import select
-import signal
 import stat
 import sys
 import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import argparse
     from collections.abc import Callable
     from typing import Any, NoReturn
 
@@ -88,6 +92,11 @@ Without --daemon the watcher stays in the foreground for debugging: it prints
 one line per inotify event (time, event names, file name, the inode now at
 SOCKET and the one it started with) and, before it exits, why.
 
+The clients of this version start instead one shared watcher per run directory:
+  prefork-watcher --shared [--foreground] [--linger SECS] RUNDIR
+  prefork-watcher --list RUNDIR      (what the running shared watcher holds)
+see 'prefork-watcher --shared --help'.
+
 exit status: 0 = socket gone or sentinel closed, 1 = error (one line on
 stderr), 2 = usage.
 """
@@ -98,6 +107,8 @@ class WatcherError(Exception):
 
 
 def _parser() -> argparse.ArgumentParser:
+    import argparse
+
     p = argparse.ArgumentParser(
         prog=PROG, description=_DESCRIPTION, epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -119,6 +130,21 @@ def main(argv: list[str] | None = None) -> int:
     With ``--daemon`` it does not return: the first process ends in ``os._exit(0)`` once
     the daemon is forked, and the daemon ends in ``os._exit`` too.
     """
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--shared"]:
+        from prefork.watcher import shared
+
+        return shared.main(argv[1:])
+    if argv[:1] == ["--list"] and len(argv) == 2:
+        from prefork.common import watchwire
+
+        try:
+            sys.stdout.write(watchwire.list_entries(os.path.abspath(argv[1])))
+        except watchwire.WatchError as e:
+            _say(str(e))
+            return EXIT_ERROR
+        return EXIT_OK
     try:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # --help, --version, usage errors
@@ -181,7 +207,7 @@ def _daemonise_and_watch(path: str, start: tuple[int, int]) -> NoReturn:
     status = EXIT_ERROR
     try:
         os.setsid()
-        signal.signal(signal.SIGINT, signal.SIG_DFL)  # die quietly, no traceback on WATCHE
+        _signal.signal(_signal.SIGINT, _signal.SIG_DFL)  # die quietly, no traceback on WATCHE
         os.chdir("/")
         _close_fds_from(3)
         os.set_blocking(0, False)
@@ -235,7 +261,7 @@ def _foreground(path: str, start: tuple[int, int], *, sentinel: bool) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         _say("interrupted")
-        return 128 + signal.SIGINT
+        return 128 + int(_signal.SIGINT)
     show(f"exit {EXIT_OK}: {reason}")
     return EXIT_OK
 
