@@ -31,6 +31,7 @@ import sys
 from prefork.client.wire import (
     ClientError,
     Connection,
+    NoGreeting,
     ScriptEnded,
     read_status_v1,
     send_request,
@@ -212,11 +213,18 @@ def connect_or_spawn(opts: Options, base: str) -> Connection:
     """
     while True:
         ident = server_ident(opts, base)
-        conn = None if opts.force else try_connect(socket_path(base, ident))
+        force = opts.force
+        try:
+            conn = None if force else try_connect(socket_path(base, ident))
+        except NoGreeting:
+            # Accepted but never greeted: a dead server whose listener lives on in some
+            # other process.  A fresh one takes over the socket path (the old one, if it
+            # is alive after all, finishes its calls and quits, as for -f).
+            conn, force = None, True
         if conn is None:
             from prefork.client import start
 
-            conn = start.connect_or_start(base, ident, _setup_argv(opts), force=opts.force)
+            conn = start.connect_or_start(base, ident, _setup_argv(opts), force=force)
         sock, offer = conn
         if opts.any_cwd and protocol.X1_TOKEN not in offer:
             # A reference server runs every call in its own cwd: use a per-cwd server.
@@ -263,9 +271,18 @@ def forward_signals(ignored: set[int]) -> int:
 
 def x1_call_loop(sock: _socket.socket, wake_r: int) -> int:
     """Under x1: pass our signals on as ``S`` records, follow the executor (``P``) and its
-    stops (``T``); return the final wait status (``W``)."""
+    stops (``T``) and continues (``C``); return the final wait status (``W``).
+
+    The client stops itself only for a stop it passed on (the terminal's ^Z, a ``kill
+    -TSTP`` of the job): a stop someone else gave the executor alone (``kill -STOP`` of
+    its pid, ``cpulimit``) is between them -- the caller waits, as for any slow call,
+    and goes on when the executor does.  Stopping the caller too would make its shell
+    take the terminal back and report a job stopped that nobody here stopped, and the
+    third party's ``CONT`` to the executor could not reach a stopped client."""
     pending = b""
     executor = 0
+    stop_asked = 0  # a stop signal passed on and not yet seen to stop the executor
+    stopped = False  # the executor is stopped (a T record without its C yet)
     sock_fd = sock.fileno()
     while True:
         ready = select.select([sock_fd, wake_r], [], [])[0]
@@ -274,6 +291,15 @@ def x1_call_loop(sock: _socket.socket, wake_r: int) -> int:
                 sigs = posix.read(wake_r, 512)
             except BlockingIOError:
                 sigs = b""
+            for s in sigs:
+                if s in STOPS:
+                    stop_asked = s
+                elif s == _signal.SIGCONT:
+                    stop_asked = 0
+            if stop_asked and stopped:
+                # Already stopped (by someone else): this job stop is ours to do now.
+                _stop_self(stop_asked)
+                stop_asked = 0
             out = b"".join(protocol.encode_record(protocol.REC_SIGNAL, s) for s in sigs)
             if out:
                 try:
@@ -301,7 +327,12 @@ def x1_call_loop(sock: _socket.socket, wake_r: int) -> int:
                 if tag == protocol.REC_PID:
                     executor = value
                 elif tag == protocol.REC_STOPPED:
-                    _stop_self(value)
+                    stopped = True
+                    if stop_asked:
+                        stop_asked = 0
+                        _stop_self(value)
+                elif tag == protocol.REC_CONTINUED:
+                    stopped = False
 
 
 def _stop_self(sig: int) -> None:
