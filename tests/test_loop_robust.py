@@ -254,7 +254,7 @@ def test_out_of_fds_the_server_backs_off_logs_once_and_survives(rig: Rig) -> Non
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.connect(path)  # into the backlog: the server accepts what it can
             flood.append(s)
-        wait_for(lambda: "out of file descriptors" in log_text(rig.rundir),
+        wait_for(lambda: "Too many open files" in log_text(rig.rundir),
                  what="the server noticing it is out of fds")
         h.finish()
         wait_for(lambda: asleep_in_epoll(h.server), what="the server idle")
@@ -263,7 +263,7 @@ def test_out_of_fds_the_server_backs_off_logs_once_and_survives(rig: Rig) -> Non
             s.close()
     assert rig.ping(env=env) == h.server
     text = log_text(rig.rundir)
-    assert text.count("out of file descriptors") == 1, text[-2000:]
+    assert text.count("Too many open files") == 1, text[-2000:]
     assert "accept failed" not in text and "server failed" not in text
 
 
