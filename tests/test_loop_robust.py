@@ -321,15 +321,22 @@ def test_server_memory_stays_flat_whatever_environments_callers_send(rig: Rig) -
 # ------------------------------------------------------------------ 8: stopped by others
 
 
-def test_executor_stopped_and_continued_by_someone_else_does_not_stop_the_caller(
-        rig: Rig) -> None:
+@pytest.mark.parametrize("rounds", [1, 20])
+def test_executor_stopped_and_continued_by_someone_else_continues_the_caller(
+        rig: Rig, rounds: int) -> None:
     """``kill -STOP``/``-CONT`` of the executor's pid (as ``cpulimit`` does): the caller
-    waits meanwhile and ends with the script's status once it ends."""
+    stops with it (the job is stopped, as in a direct run) and goes on with it, however
+    quickly the two follow each other; it ends with the script's status."""
     h = rig.hold(exit_code=3)
     os.kill(h.executor, signal.SIGSTOP)
     wait_for(lambda: state(h.executor) == "T", what="the executor stopped")
+    wait_for(lambda: state(h.proc.pid) == "T", what="the client stopped with it")
     os.kill(h.executor, signal.SIGCONT)
+    for _ in range(rounds - 1):  # in quick succession, as cpulimit does
+        os.kill(h.executor, signal.SIGSTOP)
+        os.kill(h.executor, signal.SIGCONT)
     wait_for(lambda: state(h.executor) != "T", what="the executor going on")
+    wait_for(lambda: state(h.proc.pid) != "T", what="the client going on")
     h.finish()
 
 

@@ -270,42 +270,21 @@ def forward_signals(ignored: set[int]) -> int:
 
 
 def x1_call_loop(sock: _socket.socket, wake_r: int) -> int:
-    """Under x1: pass our signals on as ``S`` records, follow the executor (``P``) and its
+    """Under x1: pass our signals on as ``S`` records, follow the executor (``P``), its
     stops (``T``) and continues (``C``); return the final wait status (``W``).
 
-    The client stops itself only for a stop it passed on (the terminal's ^Z, a ``kill
-    -TSTP`` of the job): a stop someone else gave the executor alone (``kill -STOP`` of
-    its pid, ``cpulimit``) is between them -- the caller waits, as for any slow call,
-    and goes on when the executor does.  Stopping the caller too would make its shell
-    take the terminal back and report a job stopped that nobody here stopped, and the
-    third party's ``CONT`` to the executor could not reach a stopped client."""
+    A stopped executor stops us the same way, whoever stopped it (the job is stopped, as
+    in a direct run).  ``C 1`` says someone else continued it and the server sends us a
+    SIGCONT too (we may be stopped): that SIGCONT is not passed back on to the script.
+    Records are read before signals, and a stop is made only with no record waiting, so
+    a continue that follows a stop at once is never missed."""
     pending = b""
     executor = 0
-    stop_asked = 0  # a stop signal passed on and not yet seen to stop the executor
-    stopped = False  # the executor is stopped (a T record without its C yet)
+    stop_sig = 0  # a stop to make once the records that came with it are read
+    cont_owed = 0  # SIGCONTs the server sent us (``C 1``), not to be passed on
     sock_fd = sock.fileno()
     while True:
         ready = select.select([sock_fd, wake_r], [], [])[0]
-        if wake_r in ready:
-            try:
-                sigs = posix.read(wake_r, 512)
-            except BlockingIOError:
-                sigs = b""
-            for s in sigs:
-                if s in STOPS:
-                    stop_asked = s
-                elif s == _signal.SIGCONT:
-                    stop_asked = 0
-            if stop_asked and stopped:
-                # Already stopped (by someone else): this job stop is ours to do now.
-                _stop_self(stop_asked)
-                stop_asked = 0
-            out = b"".join(protocol.encode_record(protocol.REC_SIGNAL, s) for s in sigs)
-            if out:
-                try:
-                    sock.sendall(out)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the final status (or EOF) is still to be read
         if sock_fd in ready:
             try:
                 data = sock.recv(4096)
@@ -327,12 +306,30 @@ def x1_call_loop(sock: _socket.socket, wake_r: int) -> int:
                 if tag == protocol.REC_PID:
                     executor = value
                 elif tag == protocol.REC_STOPPED:
-                    stopped = True
-                    if stop_asked:
-                        stop_asked = 0
-                        _stop_self(value)
+                    stop_sig = value
                 elif tag == protocol.REC_CONTINUED:
-                    stopped = False
+                    stop_sig = 0
+                    if value:
+                        cont_owed += 1
+        if wake_r in ready:
+            try:
+                sigs = posix.read(wake_r, 512)
+            except BlockingIOError:
+                sigs = b""
+            out = []
+            for s in sigs:
+                if s == _signal.SIGCONT and cont_owed:
+                    cont_owed -= 1  # the server's, for a continue the executor already had
+                    continue
+                out.append(protocol.encode_record(protocol.REC_SIGNAL, s))
+            if out:
+                try:
+                    sock.sendall(b"".join(out))
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the final status (or EOF) is still to be read
+        if stop_sig and not select.select([sock_fd], [], [], 0)[0]:
+            _stop_self(stop_sig)
+            stop_sig = 0
 
 
 def _stop_self(sig: int) -> None:

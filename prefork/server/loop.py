@@ -67,8 +67,9 @@ _HANDLED = (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 class Call:
     """One connection, from greeting to final status."""
 
-    __slots__ = ("deadline", "extended", "kill_at", "parser", "pending", "pid", "queued",
-                 "sock")
+    __slots__ = ("client_pid", "cont_check_at", "cont_checks", "cont_forwarded", "deadline",
+                 "extended", "kill_at", "parser", "pending", "pid", "queued", "sock",
+                 "stopped")
 
     def __init__(self, sock: socket.socket, x1: bool, now: float) -> None:
         self.sock: socket.socket | None = sock
@@ -81,6 +82,15 @@ class Call:
         #: A complete request waiting for a slot (``Server.waiting``): it, the records
         #: that came after it, and when it started waiting.
         self.queued: tuple[protocol.Request, bytes, float] | None = None
+        #: The client's pid (x1: SO_PEERCRED), to continue it with its executor.
+        self.client_pid = 0
+        #: The executor is stopped; the client itself passed it a SIGCONT (so the
+        #: continue is its own doing); when and how often to check that it is not left
+        #: stopped after a continue made by someone else (see ``Server._continued``).
+        self.stopped = False
+        self.cont_forwarded = False
+        self.cont_check_at: float | None = None
+        self.cont_checks = 0
 
 
 class Spare:
@@ -104,6 +114,19 @@ class TookCall(BaseException):
 
 #: A hand-over must be taken within this (a spare that does not read is killed).
 HANDOVER_TIMEOUT = 5.0
+#: After continuing a client whose executor someone else continued: check, after each of
+#: these intervals in turn, that it is not left stopped.
+_CONT_CHECKS = (0.1, 0.5, 2.0)
+
+
+def _proc_state(pid: int) -> str:
+    """A process's state letter from ``/proc/PID/stat`` ("" if gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return ""
+    return stat[stat.rfind(b")") + 2:][:1].decode()
 
 
 class Server:
@@ -200,6 +223,8 @@ class Server:
         for call in self.by_pid.values():
             if call.kill_at is not None:
                 deadlines.append(call.kill_at)
+            if call.cont_check_at is not None:
+                deadlines.append(call.cont_check_at)
         if self.idle_timeout is not None and not self.calls and not self.by_pid \
                 and self.quitting is None:
             deadlines.append(self.last_activity + self.idle_timeout)
@@ -268,6 +293,8 @@ class Server:
             if call.kill_at is not None and now >= call.kill_at:
                 call.kill_at = None
                 self._killpg(call.pid, signal.SIGKILL)
+            if call.cont_check_at is not None and now >= call.cont_check_at:
+                self._check_continued(call, now)
         if (self.idle_timeout is not None and self.quitting is None and not self.calls
                 and not self.by_pid and now >= self.last_activity + self.idle_timeout):
             self._begin_quit(f"idle for {self.idle_timeout:g}s")
@@ -515,6 +542,8 @@ class Server:
         for tag, value in recs:
             if tag == protocol.REC_SIGNAL and call.pid:
                 if value in DELIVERABLE_SIGNALS:
+                    if value == signal.SIGCONT and call.stopped:
+                        call.cont_forwarded = True  # the continue to come is the client's
                     self._killpg(call.pid, value)
                 else:
                     self.log.warning(f"ignored a request to deliver signal {value}")
@@ -614,6 +643,7 @@ class Server:
             return
         call.pid = pid
         call.extended = req.extended
+        call.client_pid = client_pid
         self.by_pid[pid] = call
         if req.extended:
             self._send(call, protocol.encode_record(protocol.REC_PID, pid))
@@ -641,6 +671,43 @@ class Server:
             sock.close()
         self.spare_pids.discard(spare.pid)
         return spare.pid
+
+    def _continued(self, call: Call) -> None:
+        """The executor was continued.  By its client's own SIGCONT: say so (``C 0``).  By
+        someone else (``kill -CONT`` of its pid, ``cpulimit``): the client, which stopped
+        itself with the executor, is continued too (``C 1``, then SIGCONT), and checked
+        a few times after, in case our SIGCONT came before it had stopped."""
+        call.stopped = False
+        if not call.extended or call.sock is None:
+            return
+        if call.cont_forwarded or not call.client_pid:
+            call.cont_forwarded = False
+            self._send(call, protocol.encode_record(protocol.REC_CONTINUED, 0))
+            return
+        self._send(call, protocol.encode_record(protocol.REC_CONTINUED, 1))
+        self._continue_client(call)
+        call.cont_checks = len(_CONT_CHECKS)
+        call.cont_check_at = time.monotonic() + _CONT_CHECKS[0]
+
+    def _continue_client(self, call: Call) -> None:
+        try:
+            os.kill(call.client_pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+        except PermissionError as e:
+            self.log.warning(f"cannot continue client {call.client_pid}: {e}")
+
+    def _check_continued(self, call: Call, now: float) -> None:
+        """A client left stopped while its executor runs (our SIGCONT came just before it
+        stopped itself): continued again."""
+        call.cont_checks -= 1
+        call.cont_check_at = None
+        if call.stopped or call.sock is None:
+            return
+        if _proc_state(call.client_pid) == "T":
+            self._continue_client(call)
+        if call.cont_checks > 0:
+            call.cont_check_at = now + _CONT_CHECKS[len(_CONT_CHECKS) - call.cont_checks]
 
     def _kill_spare(self, pid: int) -> None:
         try:
@@ -751,13 +818,15 @@ class Server:
                                  f"(status {status:#x})")
                 continue
             if os.WIFSTOPPED(status):
+                call.stopped = True
+                call.cont_forwarded = False
+                call.cont_check_at = None
                 if call.extended:
                     self._send(call, protocol.encode_record(protocol.REC_STOPPED,
                                                             os.WSTOPSIG(status)))
                 continue
             if os.WIFCONTINUED(status):
-                if call.extended:
-                    self._send(call, protocol.encode_record(protocol.REC_CONTINUED, 0))
+                self._continued(call)
                 continue
             del self.by_pid[pid]
             self.call_ended = True
