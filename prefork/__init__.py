@@ -7,6 +7,31 @@ client (the hot path) imports ``prefork.common`` through it.
 
 __version__ = "0.1.0"
 
+
+def _protect_contract_fds() -> None:
+    """Under ``prefork-interp`` (``PREFORK_INTERP`` set), make the protocol's fds
+    close-on-exec as soon as the script imports us: a program the set-up runs
+    (``os.system("helper &")``) must not hold the listening socket or the watcher's pipes
+    for ever.  Checked strictly later, by ``initialisation_complete()``; here only
+    well-formed numbers of open fds are touched.  Cheap: the client imports this too."""
+    import posix
+
+    value = posix.environ.get(b"PREFORK_INTERP")
+    if not value:
+        return
+    words = value.split(b" ")
+    if len(words) < 2 or not words[0].startswith(b"v1,"):
+        return
+    for word in words[1].split(b",")[:4]:
+        if word.isdigit() and int(word) > 2:
+            try:
+                posix.set_inheritable(int(word), False)
+            except OSError:
+                pass
+
+
+_protect_contract_fds()
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any

@@ -45,6 +45,7 @@ if os.environ.get("PREFORK_INTERP") and os.environ.get("PF_SETUP_HANG_UNLESS"):
         signal.pause()                                   # hangs until killed
 import prefork
 prefork.initialisation_complete(log="file", max_servers=int(os.environ.get("PF_MAX", "4")),
+                                max_wait=float(os.environ.get("PF_MAXWAIT", "1")),
                                 idle_timeout=float(os.environ.get("PF_IDLE", "3600")),
                                 autoreload=bool(os.environ.get("PF_AUTORELOAD")))
 mode = sys.argv[1]
@@ -225,11 +226,12 @@ def test_calls_racing_an_idle_timeout_are_all_served(rig: Rig) -> None:
     assert len(servers) > 1  # the servers did quit in between
 
 
-def test_call_waiting_while_server_quits_after_f_goes_to_the_fresh_server(rig: Rig) -> None:
-    """A call queued at a full server (max_servers=1) when another client's ``-f`` replaces
-    it: the old server closes its listening socket on quitting, the queued client notices
-    and reaches the fresh server; the running call finishes on the old one."""
-    env = dict(rig.env, PF_MAX="1")
+def test_call_waiting_while_server_quits_after_f_is_served_by_the_old_one(rig: Rig) -> None:
+    """A call queued at a full server (max_servers=1, max_wait None) when another client's
+    ``-f`` replaces it: it was accepted and greeted, so the old server, which accepts
+    nothing more, serves it once its slot frees, as it finishes the running call; calls
+    made after the ``-f`` reach the fresh server."""
+    env = dict(rig.env, PF_MAX="1", PF_MAXWAIT="-1")
     a = rig.hold(exit_code=3, env=env)
     queued = rig.procs.popen([rig.script, "ping", "queued"], env=env, cwd=rig.rundir,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -238,10 +240,11 @@ def test_call_waiting_while_server_quits_after_f_goes_to_the_fresh_server(rig: R
     assert len(executors(a.server)) == 1  # max_servers=1: the queued call waits
     fresh = rig.ping("forced", env=env, client_args=("-f",))
     assert fresh != a.server
-    out, err = queued.communicate(timeout=scaled(30))
-    assert (queued.returncode, out, err) == (0, f"pong ['queued'] {fresh}\n".encode(), b"")
-    assert not gone(a.executor)
+    assert rig.ping("after", env=env) == fresh
+    assert not gone(a.executor) and queued.poll() is None
     a.finish()
+    out, err = queued.communicate(timeout=scaled(30))
+    assert (queued.returncode, out, err) == (0, f"pong ['queued'] {a.server}\n".encode(), b"")
     wait_for(lambda: gone(a.server), what="the old server gone after its last call")
 
 
@@ -484,7 +487,7 @@ def _nothing_left(rig: Rig) -> None:
 
 
 def test_max_servers_calls_wait_and_are_served_in_turn(rig: Rig) -> None:
-    env = dict(rig.env, PF_MAX="2")
+    env = dict(rig.env, PF_MAX="2", PF_MAXWAIT="-1")
     first, second = rig.hold(env=env), rig.hold(env=env)
     server = first.server
     waiting = [rig.procs.popen([rig.script, "hold", "0"], env=env, cwd=rig.rundir,

@@ -78,7 +78,7 @@ def _fork_spare(then: Callable[[], None], server_pid: int | None = None
             os.dup2(err_w, 2)
             become_spare(spare_end, server_pid=parent if server_pid is None else server_pid,
                          server_objects=[server_end], keep_fds=(), saved_signals={},
-                         prctl=None, title=None, set_title=None, environ_skipped=[])
+                         prctl=None, title=None, set_title=None, environ=None)
             then()
             status = 0
         finally:

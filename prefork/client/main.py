@@ -31,6 +31,7 @@ import sys
 from prefork.client.wire import (
     ClientError,
     Connection,
+    NoGreeting,
     ScriptEnded,
     read_status_v1,
     send_request,
@@ -212,11 +213,18 @@ def connect_or_spawn(opts: Options, base: str) -> Connection:
     """
     while True:
         ident = server_ident(opts, base)
-        conn = None if opts.force else try_connect(socket_path(base, ident))
+        force = opts.force
+        try:
+            conn = None if force else try_connect(socket_path(base, ident))
+        except NoGreeting:
+            # Accepted but never greeted: a dead server whose listener lives on in some
+            # other process.  A fresh one takes over the socket path (the old one, if it
+            # is alive after all, finishes its calls and quits, as for -f).
+            conn, force = None, True
         if conn is None:
             from prefork.client import start
 
-            conn = start.connect_or_start(base, ident, _setup_argv(opts), force=opts.force)
+            conn = start.connect_or_start(base, ident, _setup_argv(opts), force=force)
         sock, offer = conn
         if opts.any_cwd and protocol.X1_TOKEN not in offer:
             # A reference server runs every call in its own cwd: use a per-cwd server.
@@ -262,24 +270,21 @@ def forward_signals(ignored: set[int]) -> int:
 
 
 def x1_call_loop(sock: _socket.socket, wake_r: int) -> int:
-    """Under x1: pass our signals on as ``S`` records, follow the executor (``P``) and its
-    stops (``T``); return the final wait status (``W``)."""
+    """Under x1: pass our signals on as ``S`` records, follow the executor (``P``), its
+    stops (``T``) and continues (``C``); return the final wait status (``W``).
+
+    A stopped executor stops us the same way, whoever stopped it (the job is stopped, as
+    in a direct run).  ``C 1`` says someone else continued it and the server sends us a
+    SIGCONT too (we may be stopped): that SIGCONT is not passed back on to the script.
+    Records are read before signals, and a stop is made only with no record waiting, so
+    a continue that follows a stop at once is never missed."""
     pending = b""
     executor = 0
+    stop_sig = 0  # a stop to make once the records that came with it are read
+    cont_owed = 0  # SIGCONTs the server sent us (``C 1``), not to be passed on
     sock_fd = sock.fileno()
     while True:
         ready = select.select([sock_fd, wake_r], [], [])[0]
-        if wake_r in ready:
-            try:
-                sigs = posix.read(wake_r, 512)
-            except BlockingIOError:
-                sigs = b""
-            out = b"".join(protocol.encode_record(protocol.REC_SIGNAL, s) for s in sigs)
-            if out:
-                try:
-                    sock.sendall(out)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the final status (or EOF) is still to be read
         if sock_fd in ready:
             try:
                 data = sock.recv(4096)
@@ -301,7 +306,30 @@ def x1_call_loop(sock: _socket.socket, wake_r: int) -> int:
                 if tag == protocol.REC_PID:
                     executor = value
                 elif tag == protocol.REC_STOPPED:
-                    _stop_self(value)
+                    stop_sig = value
+                elif tag == protocol.REC_CONTINUED:
+                    stop_sig = 0
+                    if value:
+                        cont_owed += 1
+        if wake_r in ready:
+            try:
+                sigs = posix.read(wake_r, 512)
+            except BlockingIOError:
+                sigs = b""
+            out = []
+            for s in sigs:
+                if s == _signal.SIGCONT and cont_owed:
+                    cont_owed -= 1  # the server's, for a continue the executor already had
+                    continue
+                out.append(protocol.encode_record(protocol.REC_SIGNAL, s))
+            if out:
+                try:
+                    sock.sendall(b"".join(out))
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the final status (or EOF) is still to be read
+        if stop_sig and not select.select([sock_fd], [], [], 0)[0]:
+            _stop_self(stop_sig)
+            stop_sig = 0
 
 
 def _stop_self(sig: int) -> None:

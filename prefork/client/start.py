@@ -21,6 +21,7 @@ from contextlib import ExitStack, contextmanager
 from prefork.client.wire import (
     ClientError,
     Connection,
+    NoGreeting,
     ScriptEnded,
     caller_env,
     read_greeting,
@@ -98,7 +99,10 @@ def connect_or_start(base: str, ident: str, setup_argv: list[str], *, force: boo
     """
     with _locked_entry(base, ident) as sock_path:
         if not force:
-            conn = try_connect(sock_path)
+            try:
+                conn = try_connect(sock_path)
+            except NoGreeting:  # a dead server's listener: replaced, as for -f
+                conn = None
             if conn is not None:
                 return conn
         return _start(setup_argv, sock_path)

@@ -7,6 +7,7 @@ which reads the greeting of the server it started); imports neither.  Hot path: 
 
 import _socket
 import posix
+import select
 
 from prefork.common import fdio, protocol
 
@@ -15,9 +16,35 @@ Connection = tuple[_socket.socket, frozenset[bytes]]
 
 _STD_FDS = (0, 1, 2)
 
+#: Seconds a server has to greet a connection (``PREFORK_INTERP_GREETING_TIMEOUT``
+#: overrides): a live server greets at once, even with every slot taken, so one that
+#: stays silent this long is taken for dead (say, its listener held by a child the script
+#: forked) and a fresh server is started.
+GREETING_TIMEOUT = 10.0
+GREETING_TIMEOUT_ENV = b"PREFORK_INTERP_GREETING_TIMEOUT"
+
 
 class ClientError(Exception):
     """prefork-interp itself failed; the text is the whole message."""
+
+
+class NoGreeting(Exception):
+    """A server accepted the connection but did not greet it in time."""
+
+
+def greeting_timeout() -> float:
+    """``GREETING_TIMEOUT``, or the positive number of seconds in the environment."""
+    raw = posix.environ.get(GREETING_TIMEOUT_ENV)
+    if raw:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = 0.0
+        if 0 < value < 1e9:
+            return value
+        raise ClientError(f"{GREETING_TIMEOUT_ENV.decode()}={raw.decode(errors='replace')!r} "
+                          "is not a positive number of seconds")
+    return GREETING_TIMEOUT
 
 
 class ScriptEnded(Exception):
@@ -43,7 +70,8 @@ def read_greeting(sock: _socket.socket) -> frozenset[bytes] | None:
 
 
 def try_connect(sock_path: str) -> Connection | None:
-    """Connect to a running server and read its greeting; None if there is none."""
+    """Connect to a running server and read its greeting; None if there is none, and
+    ``NoGreeting`` if one accepted but said nothing within ``greeting_timeout()``."""
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     try:
         sock.connect(sock_path)
@@ -53,6 +81,10 @@ def try_connect(sock_path: str) -> Connection | None:
     except OSError as e:
         sock.close()
         raise ClientError(f"connect to {sock_path}: {e.strerror or e}") from None
+    # One poll before the first read (the greeting is usually there already).
+    if not select.select([sock], [], [], greeting_timeout())[0]:
+        sock.close()
+        raise NoGreeting(sock_path)
     offer = read_greeting(sock)
     if offer is None:
         sock.close()

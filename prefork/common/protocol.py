@@ -65,8 +65,8 @@ the call's fds (3 for v1, 4 for x1) riding on its first byte by SCM_RIGHTS::
     env:env_len bytes      every ``NAME=value`` NUL-terminated (only with bit 2)
 
 ``bits``: 1 = extended (x1) call; 2 = the environment is included (else the spare keeps the
-one it has: the server's at its fork, which was this call's); 4 = ``umask`` is set.  Other
-bits are refused.  EOF where the head would be: the server lets the spare go.
+one it set before the call: the previous call's, the same as this one's); 4 = ``umask`` is
+set.  Other bits are refused.  EOF where the head would be: the server lets the spare go.
 """
 
 import _struct

@@ -110,10 +110,22 @@ def _check_fd(fd: int, what: str, want_socket: bool) -> None:
 
 
 def _open_fds() -> set[int]:
+    """The fds open now.  The listing's own directory fd is among the names it returns but
+    closed by the time it returns: kept, its number would later be some fd of the server's
+    (the autoreload inotify fd, with ``log="stderr"``) handed to every executor."""
     try:
-        return {int(n) for n in os.listdir("/proc/self/fd")}
+        names = os.listdir("/proc/self/fd")
     except OSError:
         return set()
+    found = set()
+    for name in names:
+        fd = int(name)
+        try:
+            os.fstat(fd)
+        except OSError:
+            continue
+        found.add(fd)
+    return found
 
 
 def adopt_endpoints(spec: EnvSpec) -> Endpoints:
@@ -250,7 +262,7 @@ def _serve(config: ServerConfig) -> bool:
                         idle_timeout=config.idle_timeout, autoreload=reload,
                         saved_signals=saved, keep_fds=ends.keep_fds, script=config.script,
                         prctl=prctl, set_title=_title, learner=learner, watch_link=link,
-                        spare_idle=config.spare_idle)
+                        spare_idle=config.spare_idle, max_wait=config.max_wait)
         fast = _freeze_heap(config.fast_exit)
         # Kept referenced for good: in an executor, run() returns and dropping the server
         # would free its objects one by one (every one written to, so copied).

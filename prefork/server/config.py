@@ -41,11 +41,11 @@ def _max_servers(value: object) -> int:
     return value
 
 
-def _idle_timeout(value: object) -> float | None:
+def _idle_timeout(value: object, what: str = "idle_timeout") -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ConfigError(f"idle_timeout must be a number of seconds or None, not {value!r}")
+        raise ConfigError(f"{what} must be a number of seconds or None, not {value!r}")
     if value < 0 or math.isinf(value):
         return None  # never
     return value
@@ -87,11 +87,12 @@ class ServerConfig:
     """
 
     __slots__ = ("autoreload", "fast_exit", "idle_timeout", "learn", "log", "max_servers",
-                 "reload_paths", "script", "spare_idle", "spec")
+                 "max_wait", "reload_paths", "script", "spare_idle", "spec")
 
     spec: envspec.EnvSpec
     script: str
     max_servers: int
+    max_wait: float | None
     idle_timeout: float | None
     autoreload: bool
     reload_paths: tuple[str, ...]
@@ -111,14 +112,18 @@ class ServerConfig:
             object.__setattr__(self, name, value)
 
     @staticmethod
-    def options(*, max_servers: int = 4, idle_timeout: float | None = 3600.0,
+    def options(*, max_servers: int = 4, max_wait: float | None = 1.0,
+                idle_timeout: float | None = 3600.0,
                 autoreload: bool = True, autoreload_extra: Iterable[str] = (),
                 log: str | None = None, fast_exit: bool = True,
                 learn: bool = False, spare_idle: float | None = 30.0) -> dict[str, Any]:
         """``initialisation_complete()``'s keywords, checked (``ConfigError``; an unknown
         keyword is a ``TypeError``, as for any call) and normalised.
 
-        ``max_servers``: calls run at once (negative: no limit); more wait their turn.
+        ``max_servers``: calls started at once (negative: no limit); more wait their turn.
+        ``max_wait``: seconds a waiting call waits without any call starting or ending
+        before it is started past ``max_servers`` (so that a pipeline of the script, or a
+        script calling itself, never deadlocks); None: wait for a slot, however long.
         ``idle_timeout``: seconds without calls before the server quits (None, negative or
         infinite: never).  ``autoreload``: quit when the script, a loaded module or a path
         of ``autoreload_extra`` changes.  ``log``: None (syslog if /dev/log exists, else
@@ -133,6 +138,7 @@ class ServerConfig:
         infinite: never): an idle server is smaller.
         """
         return {"max_servers": _max_servers(max_servers),
+                "max_wait": _idle_timeout(max_wait, "max_wait"),
                 "idle_timeout": _idle_timeout(idle_timeout),
                 "autoreload": bool(autoreload),
                 "autoreload_extra": _reload_paths(autoreload_extra),

@@ -23,6 +23,7 @@ class ServerLog:
         self._file = None
         self._fd = -1  # a log file: written with os.write (O_APPEND), nothing buffered
         self._syslog = False
+        self._size = 0  # bytes in the log file (see _rotate_now)
         self.path: str | None = None
         if target in (None, "auto"):
             target = "syslog" if os.path.exists("/dev/log") else "file"
@@ -40,8 +41,13 @@ class ServerLog:
                 path = os.devnull
             self.path = path
             self._rotate_if_big()
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                               0o600)
+            self._fd = self._open()
+            self._size = os.fstat(self._fd).st_size
+
+    def _open(self) -> int:
+        assert self.path is not None
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                       0o600)
 
     def _rotate_if_big(self) -> None:
         if self.path is None:
@@ -51,6 +57,26 @@ class ServerLog:
                 os.replace(self.path, self.path + ".1")
         except FileNotFoundError:
             pass
+
+    def _rotate_now(self) -> None:
+        """The file has grown past ``LOG_MAX_BYTES`` while the server runs: it becomes
+        ``.1`` (the previous ``.1`` goes) and a fresh file is started, so the log never
+        takes more than twice the limit.  Without an fd to spare (EMFILE), the current file
+        is emptied instead: bounded either way."""
+        self._size = 0
+        if self.path is None or self.path == os.devnull:
+            return
+        try:
+            os.replace(self.path, self.path + ".1")
+            fd = self._open()
+        except OSError:
+            try:
+                os.ftruncate(self._fd, 0)
+            except OSError:
+                pass
+            return
+        os.close(self._fd)
+        self._fd = fd
 
     def _emit(self, level: str, msg: str) -> None:
         if self._syslog:
@@ -67,7 +93,9 @@ class ServerLog:
         line = f"{stamp}.{int(now % 1 * 1000):03d} [{os.getpid()}] {level} {self.script}: {msg}\n"
         try:
             if self._fd >= 0:
-                os.write(self._fd, line.encode("utf-8", "backslashreplace"))
+                if self._size > LOG_MAX_BYTES:
+                    self._rotate_now()
+                self._size += os.write(self._fd, line.encode("utf-8", "backslashreplace"))
             elif self._file is not None:
                 self._file.write(line)
         except (OSError, ValueError):

@@ -36,7 +36,6 @@ import time
 
 from prefork.common import fdio, protocol
 from prefork.common.consts import DELIVERABLE_SIGNALS
-from prefork.server import executor
 from prefork.server.autoreload import Autoreload
 from prefork.server.poller import EVENT_READ, Poller
 from prefork.server.spare import become_spare
@@ -52,7 +51,10 @@ if TYPE_CHECKING:
     from prefork.server.watchlink import WatchLink
 
 _READS_PER_TURN = 8       # reads of one connection's request per turn of the loop, at most
-REQUEST_TIMEOUT = 30.0   # a connection must deliver its request within this
+REQUEST_TIMEOUT = 10.0   # a connection must deliver its request within this (no slot meanwhile)
+FD_BACKOFF = 0.5         # out of fds: the listener is left alone this long before trying again
+START_RETRY_FOR = 30.0   # out of fds: a call that cannot get an executor is retried this long
+FD_LOG_EVERY = 60.0      # out of fds: said at most once per this many seconds (once per episode)
 KILL_GRACE = 0.5         # SIGINT to a call whose client vanished, then SIGKILL after this
 _PEERCRED = _struct.Struct("3i")
 #: Every signal number, as ints: ``_signal`` rather than ``signal`` around the fork, whose
@@ -74,7 +76,9 @@ _HANDLED = (_signal.SIGCHLD, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGINT)
 class Call:
     """One connection, from greeting to final status."""
 
-    __slots__ = ("deadline", "extended", "kill_at", "parser", "pending", "pid", "sock")
+    __slots__ = ("client_pid", "cont_check_at", "cont_checks", "cont_forwarded", "deadline",
+                 "extended", "kill_at", "parser", "pending", "pid", "queued", "sock",
+                 "stopped")
 
     def __init__(self, sock: _socket.socket, x1: bool, now: float) -> None:
         self.sock: _socket.socket | None = sock
@@ -84,6 +88,18 @@ class Call:
         self.deadline = now + REQUEST_TIMEOUT
         self.kill_at: float | None = None
         self.pending = b""
+        #: A complete request waiting for a slot (``Server.waiting``): it, the records
+        #: that came after it, and when it started waiting.
+        self.queued: tuple[protocol.Request, bytes, float] | None = None
+        #: The client's pid (x1: SO_PEERCRED), to continue it with its executor.
+        self.client_pid = 0
+        #: The executor is stopped; the client itself passed it a SIGCONT (so the
+        #: continue is its own doing); when and how often to check that it is not left
+        #: stopped after a continue made by someone else (see ``Server._continued``).
+        self.stopped = False
+        self.cont_forwarded = False
+        self.cont_check_at: float | None = None
+        self.cont_checks = 0
 
 
 class Spare:
@@ -110,6 +126,20 @@ HANDOVER_TIMEOUT = 5.0
 #: Seconds without a call after which the spare is let go (forked again with the next call).
 SPARE_IDLE = 30.0
 
+#: After continuing a client whose executor someone else continued: check, after each of
+#: these intervals in turn, that it is not left stopped.
+_CONT_CHECKS = (0.1, 0.5, 2.0)
+
+
+def _proc_state(pid: int) -> str:
+    """A process's state letter from ``/proc/PID/stat`` ("" if gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return ""
+    return stat[stat.rfind(b")") + 2:][:1].decode()
+
 
 class Server:
     """The accept / fork / reap loop (see module docstring)."""
@@ -122,7 +152,7 @@ class Server:
                  prctl: Callable[..., int] | None,
                  set_title: Callable[[str], None] | None = None,
                  learner: Learner | None = None, watch_link: WatchLink | None = None,
-                 spare_idle: float | None = SPARE_IDLE) -> None:
+                 spare_idle: float | None = SPARE_IDLE, max_wait: float | None = 1.0) -> None:
         self.listen_sock: _socket.socket | None = listen_sock
         self.first_call_sock = call_sock
         self.watch_in_fd = watch_in_fd
@@ -130,6 +160,7 @@ class Server:
         self.birth_ns = birth_ns
         self.log = log
         self.max_servers = max_servers
+        self.max_wait = max_wait
         self.idle_timeout = idle_timeout
         self.autoreload = autoreload
         #: The shared watcher (our client): it owns WATCHI/WATCHE then.
@@ -157,14 +188,22 @@ class Server:
         self.accepting = False
         self.last_activity = time.monotonic()
         self.threads_warned = False
-        #: The environment last set for a call (see _start), and the names it had to skip.
-        self.environ: tuple[list[tuple[bytes, bytes]], list[bytes]] | None = None
+        #: The environment of the last call (see _start): the next spares set it in
+        #: themselves.  None: the server's own (no call yet).
+        self.environ: list[tuple[bytes, bytes]] | None = None
         #: The ready executor (see module docstring), and every spare not reaped yet.
         self.spare: Spare | None = None
         self.spare_pids: set[int] = set()
         self.call_ended = False
         self.reap_due = False
         self.stats = CallStats.for_socket(listen_sock.getsockname(), birth_ns, log)
+        #: Complete requests waiting for a slot, oldest first (see ``_dispatch``), and when
+        #: a call last started or ended (the waiting ones wait ``max_wait`` without either).
+        self.waiting: list[Call] = []
+        self.progress_at = self.last_activity
+        #: Out of fds: when the listener is tried again, and when that was last logged.
+        self.accept_resume_at: float | None = None
+        self.fd_logged_at: float | None = None
 
     # ------------------------------------------------------------ set-up
 
@@ -209,12 +248,18 @@ class Server:
         for call in self.by_pid.values():
             if call.kill_at is not None:
                 deadlines.append(call.kill_at)
+            if call.cont_check_at is not None:
+                deadlines.append(call.cont_check_at)
         if self.idle_timeout is not None and not self.calls and not self.by_pid \
                 and self.quitting is None:
             deadlines.append(self.last_activity + self.idle_timeout)
         if self.spare is not None and self.spare_idle is not None and not self.calls \
                 and not self.by_pid:
             deadlines.append(self.last_activity + self.spare_idle)
+        if self.waiting and self.max_wait is not None:
+            deadlines.append(self._overflow_at())
+        if self.accept_resume_at is not None:
+            deadlines.append(self.accept_resume_at)
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - now)
@@ -235,7 +280,11 @@ class Server:
         # on a timeout, not on every turn: each turn's work is paid for on every call.
         self.reap_due = not events
         for key, _mask in events:
-            key.data()  # the handler it was registered with
+            # A handler earlier in this pass may have unregistered (and closed) another
+            # event's fd -- quitting closes the listener and the watcher's pipe, a call's
+            # end its socket: only a registration still current is acted on.
+            if self.sel.current(key):
+                key.data()  # the handler it was registered with
         if self.reap_due:
             self.reap_due = False
             self._reap()
@@ -267,10 +316,20 @@ class Server:
                 self.log.warning("rejected a connection: no complete request within "
                                  f"{REQUEST_TIMEOUT:.0f}s")
                 self._drop(call)
+        if self.accept_resume_at is not None and now >= self.accept_resume_at:
+            self.accept_resume_at = None
+            self._set_accepting(True)
+            self._dispatch()
+        if self.waiting and self.max_wait is not None and now >= self._overflow_at():
+            # No slot freed up for max_wait: the running calls may be waiting for this one
+            # (a pipeline of the script, a script calling itself); start it past the limit.
+            self._start_waiting(self.waiting.pop(0), now)
         for call in list(self.by_pid.values()):
             if call.kill_at is not None and now >= call.kill_at:
                 call.kill_at = None
                 self._killpg(call.pid, _signal.SIGKILL)
+            if call.cont_check_at is not None and now >= call.cont_check_at:
+                self._check_continued(call, now)
         if (self.idle_timeout is not None and self.quitting is None and not self.calls
                 and not self.by_pid and now >= self.last_activity + self.idle_timeout):
             self._begin_quit(f"idle for {self.idle_timeout:g}s")
@@ -289,8 +348,9 @@ class Server:
             self.log.info(f"stopped accepting ({why}): {len(self.by_pid)} running call(s) "
                           "will finish first")
         self._set_accepting(False)
+        self.accept_resume_at = None
         if self.listen_sock is not None:
-            self.listen_sock.close()
+            self._close_listener(self.listen_sock)
             self.listen_sock = None
         try:
             self.sel.unregister(self._watch_fd())
@@ -303,8 +363,27 @@ class Server:
                 os.close(fd)
         self.watch_in_fd = self.watch_err_fd = -1
 
+    def _close_listener(self, listen_sock: _socket.socket) -> None:
+        """Stop the listener for everyone: a child the script forked before
+        ``initialisation_complete()`` may hold it too, and closing our fd alone would leave
+        connects succeeding with nobody to accept them.  ``shutdown`` refuses new connects
+        in every process holding it; connections already queued are closed (their clients
+        see EOF before a greeting and start a fresh server)."""
+        try:
+            listen_sock.shutdown(_socket.SHUT_RDWR)
+        except OSError:
+            pass
+        while True:
+            try:
+                conn_fd, _ = listen_sock._accept()  # type: ignore[attr-defined]
+            except OSError:  # BlockingIOError: none left; EMFILE: the rest see our close
+                break
+            os.close(conn_fd)
+        listen_sock.close()
+
     def _set_accepting(self, on: bool) -> None:
-        on = on and self.quitting is None and self.listen_sock is not None
+        on = (on and self.quitting is None and self.listen_sock is not None
+              and self.accept_resume_at is None)
         if on == self.accepting:
             return
         self.accepting = on
@@ -315,10 +394,17 @@ class Server:
             self.sel.unregister(self.listen_sock)
 
     def _full(self) -> bool:
-        # A connection still sending its request holds a slot too: otherwise a burst of
-        # connections accepted together would all fork, past max_servers.
-        starting = sum(1 for c in self.calls.values() if c.parser is not None)
-        return 0 <= self.max_servers <= len(self.by_pid) + starting
+        """Every slot taken: a slot is a running call's (a connection still sending its
+        request holds none, so idle connections delay nobody)."""
+        return 0 <= self.max_servers <= len(self.by_pid)
+
+    def _overflow_at(self) -> float:
+        """When the oldest waiting call starts past the limit: ``max_wait`` after it began
+        waiting, or after the last call started or ended, whichever is later."""
+        assert self.max_wait is not None
+        head = self.waiting[0].queued
+        queued_at = head[2] if head is not None else self.progress_at
+        return max(queued_at, self.progress_at) + self.max_wait
 
     def _watch_fd(self) -> int:
         return self.watch_err_fd if self.watch_link is None else self.watch_link.watch_err_fd
@@ -352,8 +438,11 @@ class Server:
 
     def _watch_event(self) -> None:
         if self.watch_link is not None:
-            self._link_event(self.watch_link)
+            if self.watch_link.watch_err_fd >= 0:  # else closed earlier in this pass
+                self._link_event(self.watch_link)
             return
+        if self.watch_err_fd < 0:
+            return  # closed earlier in this pass (quitting)
         try:
             data = os.read(self.watch_err_fd, 2048)
         except BlockingIOError:
@@ -376,16 +465,28 @@ class Server:
                 self.log.info(f"reloading: {why} changed since the server started")
                 self._begin_quit(f"stale ({why})")
                 return
-        while self.accepting and not self._full():
+        # Every connection is accepted and greeted at once, even with every slot taken
+        # (its call waits for one once its request is complete): a client that gets no
+        # greeting in time takes the server for dead.
+        listen_sock = self.listen_sock
+        for _ in range(64):  # then the other events of this pass get their turn
             try:
-                conn_fd, _ = self.listen_sock._accept()  # type: ignore[attr-defined]
+                conn_fd, _ = listen_sock._accept()  # type: ignore[attr-defined]
             except BlockingIOError:
                 return
             except OSError as e:
-                self.log.warning(f"accept failed: {e}")
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._out_of_fds(f"accepting a connection: {e.strerror}")
+                else:
+                    self.log.warning(f"accept failed: {e}")
                 return
             conn = _socket.socket(fileno=conn_fd)  # close-on-exec (accept4)
-            creds = conn.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, _PEERCRED.size)
+            try:
+                creds = conn.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED,
+                                        _PEERCRED.size)
+            except OSError:
+                conn.close()
+                continue
             pid, uid, _gid = _PEERCRED.unpack(creds)
             if uid != self.uid:
                 self.log.warning(f"refused a connection from uid {uid} (pid {pid}): "
@@ -393,8 +494,20 @@ class Server:
                 conn.close()
                 continue
             self._add_call(conn)
-        if self._full():
-            self._set_accepting(False)
+
+    def _out_of_fds(self, what: str) -> None:
+        """Out of file descriptors (or kernel memory): leave the listener alone for
+        ``FD_BACKOFF`` (connections wait in the backlog; running calls go on, and free fds
+        as they end), and say so once per episode rather than once per attempt."""
+        now = time.monotonic()
+        if self.fd_logged_at is None or now >= self.fd_logged_at + FD_LOG_EVERY:
+            self.fd_logged_at = now
+            self.log.warning(f"out of file descriptors ({what}): {len(self.calls)} "
+                             f"connection(s) open; new connections wait, retried every "
+                             f"{FD_BACKOFF:g}s (said once a minute at most)")
+        self._set_accepting(False)
+        if self.quitting is None and self.listen_sock is not None:
+            self.accept_resume_at = now + FD_BACKOFF
 
     def _add_call(self, sock: _socket.socket) -> None:
         self.last_activity = time.monotonic()
@@ -419,11 +532,15 @@ class Server:
                 os.close(fd)
             call.parser = None
         self._forget_sock(call)
-        if not self._full():
-            self._set_accepting(True)
 
     def _forget_sock(self, call: Call) -> None:
-        """Stop watching the call's socket and close it."""
+        """Stop watching the call's socket and close it (a call still waiting for a slot
+        is forgotten with it, and the fds it brought closed)."""
+        if call.queued is not None:
+            for fd in call.queued[0].fds:
+                os.close(fd)
+            call.queued = None
+            self.waiting.remove(call)
         if call.sock is None:
             return
         self.calls.pop(call.sock, None)
@@ -482,12 +599,19 @@ class Server:
                 return
             rest = call.parser.rest
             call.parser = None
-            self._start(call, req, rest)
+            if self._full() or self.waiting:
+                call.queued = (req, rest, time.monotonic())
+                self.waiting.append(call)
+            else:
+                self._start(call, req, rest)
             return
         if not data:
             self._client_gone(call)
             return
-        if call.extended:
+        if call.queued is not None:  # records (signals) for when it starts
+            req, rest, since = call.queued
+            call.queued = (req, rest + data, since)
+        elif call.extended:
             self._records(call, data)
 
     def _records(self, call: Call, data: bytes) -> None:
@@ -495,6 +619,8 @@ class Server:
         for tag, value in recs:
             if tag == protocol.REC_SIGNAL and call.pid:
                 if value in DELIVERABLE_SIGNALS:
+                    if value == _signal.SIGCONT and call.stopped:
+                        call.cont_forwarded = True  # the continue to come is the client's
                     self._killpg(call.pid, value)
                 else:
                     self.log.warning(f"ignored a request to deliver signal {value}")
@@ -542,15 +668,29 @@ class Server:
 
     # ------------------------------------------------------------ executors
 
+    def _dispatch(self) -> None:
+        """Start waiting calls while there are slots for them."""
+        while self.waiting and not self._full() and self.accept_resume_at is None:
+            self._start_waiting(self.waiting.pop(0), time.monotonic())
+
+    def _start_waiting(self, call: Call, now: float) -> None:
+        assert call.queued is not None
+        req, rest, _since = call.queued
+        call.queued = None
+        self.progress_at = now
+        self._start(call, req, rest)
+
     def _start(self, call: Call, req: protocol.Request, rest: bytes) -> None:
         """Hand a complete request to the spare (forked now if there is none; the next one
         is forked later, see ``_step``)."""
-        # The caller's environment is set in the server too, so that the next spares have
-        # it already: most calls bring the same environment as the one before, and then
-        # neither the server nor the spare has anything to do.  (In an executor even
-        # comparing it would write to -- copy -- every page its entries live on.)
-        if self.environ is None or self.environ[0] != req.env:
-            self.environ = (req.env, executor.replace_environ(req.env))
+        # The next spares are given the caller's environment to set in themselves before
+        # their call: most calls bring the same environment as the one before, and then
+        # the executor has nothing to do.  Never set in the server itself: the C environ
+        # keeps every string ever put in it (glibc frees none), so the server would grow
+        # with every distinct environment callers send.
+        if self.environ is None or self.environ != req.env:
+            self.environ = req.env
+        self.progress_at = time.monotonic()
         client_pid = 0
         if req.extended and call.sock is not None:
             try:
@@ -565,6 +705,13 @@ class Server:
             pid = self._hand_over(req, client_pid)
             if pid is not None:
                 break
+        if pid is None and self.accept_resume_at is not None \
+                and time.monotonic() < call.deadline + START_RETRY_FOR:
+            # Out of fds for the executor's socket pair: the call waits (first in line)
+            # and is tried again as fds come back (see _timers), rather than lost.
+            call.queued = (req, rest, time.monotonic())
+            self.waiting.insert(0, call)
+            return
         for fd in req.fds:
             os.close(fd)
         if pid is None:
@@ -573,11 +720,10 @@ class Server:
             return
         call.pid = pid
         call.extended = req.extended
+        call.client_pid = client_pid
         self.by_pid[pid] = call
         if self.stats is not None:
             self.stats.call_started(pid, req)
-        if self._full():
-            self._set_accepting(False)
         if req.extended:
             self._send(call, protocol.encode_record(protocol.REC_PID, pid))
             if rest:
@@ -604,6 +750,43 @@ class Server:
             sock.close()
         self.spare_pids.discard(spare.pid)
         return spare.pid
+
+    def _continued(self, call: Call) -> None:
+        """The executor was continued.  By its client's own SIGCONT: say so (``C 0``).  By
+        someone else (``kill -CONT`` of its pid, ``cpulimit``): the client, which stopped
+        itself with the executor, is continued too (``C 1``, then SIGCONT), and checked
+        a few times after, in case our SIGCONT came before it had stopped."""
+        call.stopped = False
+        if not call.extended or call.sock is None:
+            return
+        if call.cont_forwarded or not call.client_pid:
+            call.cont_forwarded = False
+            self._send(call, protocol.encode_record(protocol.REC_CONTINUED, 0))
+            return
+        self._send(call, protocol.encode_record(protocol.REC_CONTINUED, 1))
+        self._continue_client(call)
+        call.cont_checks = len(_CONT_CHECKS)
+        call.cont_check_at = time.monotonic() + _CONT_CHECKS[0]
+
+    def _continue_client(self, call: Call) -> None:
+        try:
+            os.kill(call.client_pid, _signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+        except PermissionError as e:
+            self.log.warning(f"cannot continue client {call.client_pid}: {e}")
+
+    def _check_continued(self, call: Call, now: float) -> None:
+        """A client left stopped while its executor runs (our SIGCONT came just before it
+        stopped itself): continued again."""
+        call.cont_checks -= 1
+        call.cont_check_at = None
+        if call.stopped or call.sock is None:
+            return
+        if _proc_state(call.client_pid) == "T":
+            self._continue_client(call)
+        if call.cont_checks > 0:
+            call.cont_check_at = now + _CONT_CHECKS[len(_CONT_CHECKS) - call.cont_checks]
 
     def _kill_spare(self, pid: int) -> None:
         try:
@@ -636,7 +819,11 @@ class Server:
                                  "calling thread exists in executors (see docs/transparency.md)")
         sys.stdout.flush()
         sys.stderr.flush()
-        server_end, spare_end = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        try:
+            server_end, spare_end = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        except OSError as e:  # out of fds: the call that needed it is dropped, not the server
+            self._out_of_fds(f"forking an executor: {e.strerror}")
+            return
         # Every signal stays blocked across the fork, and in the spare until it has its
         # call: until it has dropped our wakeup fd and handlers, a signal sent to it would
         # land in the server's wakeup pipe and be taken for the server's own; and until it
@@ -660,7 +847,7 @@ class Server:
                 server_objects=self._held_objects(server_end), keep_fds=self.keep_fds,
                 saved_signals=self.saved_signals, prctl=self.prctl,
                 title=f"{self.script} [spare]", set_title=self.set_title,
-                environ_skipped=self.environ[1] if self.environ is not None else [])
+                environ=self.environ)
             raise TookCall
         _signal.pthread_sigmask(_signal.SIG_SETMASK, old_mask)
         spare_end.close()
@@ -712,13 +899,15 @@ class Server:
                                  f"(status {status:#x})")
                 continue
             if os.WIFSTOPPED(status):
+                call.stopped = True
+                call.cont_forwarded = False
+                call.cont_check_at = None
                 if call.extended:
                     self._send(call, protocol.encode_record(protocol.REC_STOPPED,
                                                             os.WSTOPSIG(status)))
                 continue
             if os.WIFCONTINUED(status):
-                if call.extended:
-                    self._send(call, protocol.encode_record(protocol.REC_CONTINUED, 0))
+                self._continued(call)
                 continue
             del self.by_pid[pid]
             self.call_ended = True
@@ -737,7 +926,7 @@ class Server:
                     self._send(call, protocol.encode_status(status))
                 self._forget_sock(call)
             call.kill_at = None
-            if not self._full():
-                self._set_accepting(True)
+            self.progress_at = time.monotonic()
+            self._dispatch()
             if self.stats is not None:
                 self.stats.call_ended(pid, status)

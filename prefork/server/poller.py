@@ -72,6 +72,11 @@ class Poller:
                 out.append((key, EVENT_READ))
         return out
 
+    def current(self, key: Key) -> bool:
+        """Whether ``key`` is still its fd's registration (a handler earlier in the same
+        pass of the loop may have unregistered it, and the fd may have been reused)."""
+        return self._keys.get(key.fd) is key
+
     def close(self) -> None:
         """Release the epoll fd (in a spare: the server's)."""
         self._epoll.close()

@@ -34,14 +34,15 @@ def become_spare(handover_sock: socket.socket, *, server_pid: int,
                  server_objects: Iterable[Closable], keep_fds: Iterable[int],
                  saved_signals: Mapping[int, object], prctl: Callable[..., int] | None,
                  title: str | None, set_title: Callable[[str], None] | None,
-                 environ_skipped: list[bytes]) -> None:
+                 environ: list[tuple[bytes, bytes]] | None) -> None:
     """In the new child, every signal blocked: drop what is the server's, wait for a call on
     ``handover_sock`` and take it on.  Returns only as that call's executor.
 
     ``server_objects``: the server's objects holding fds (closed here, so that nothing
     closes their numbers later); ``keep_fds``: the script's own fds (every other one is
-    closed); ``saved_signals``: the script's dispositions, given back; ``environ_skipped``:
-    names dropped when the server set the environment this child has.
+    closed); ``saved_signals``: the script's dispositions, given back; ``environ``: the
+    last call's environment, set here before the call (never in the server, whose C
+    environ would keep every string), or None to keep the server's.
     """
     status: int | None = EXIT_FAILED
     try:
@@ -56,6 +57,7 @@ def become_spare(handover_sock: socket.socket, *, server_pid: int,
         executor.close_fds_except({*keep_fds, 0, 1, 2, handover_sock.fileno()})
         if set_title is not None and title is not None:
             set_title(title)
+        environ_skipped = executor.replace_environ(environ) if environ is not None else []
         # The stdio settings for the environment the spare has (usually the call's), and
         # the pages building the streams touches, before the call.
         plan: executor.StdioPlan | None
