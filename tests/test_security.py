@@ -77,9 +77,13 @@ def test_run_dir_and_files_created_private_whatever_the_umask(
     for d in (os.path.join(rundir, "a"), os.path.join(rundir, "a", "b"), base):
         st = os.lstat(d)
         assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700, d
-    names = sorted(os.listdir(base))
     shared = {"pwatcher.sock", "pwatcher.lock", "pwatcher.busy"}  # the shared watcher's
-    assert [n[0] for n in names if n not in shared] == ["l", "p", "p", "s"]  # lock, log, stat, sock
+
+    def settled() -> list[str]:
+        # lock, log, stat, socket: the stat file is (re)written just after the call ends
+        names = sorted(os.listdir(base))
+        return names if [n[0] for n in names if n not in shared] == ["l", "p", "p", "s"] else []
+    names = wait_for(settled, what="the run directory's files after the call")
     assert {n for n in names if n.startswith("pwatcher")} <= shared
     for n in names:
         st = os.lstat(os.path.join(base, n))
