@@ -28,7 +28,7 @@ from prefork.common.ident import (
     socket_path,
     user_run_dir,
 )
-from prefork.common.locking import lock_file
+from prefork.common.locking import lock_existing_file, lock_file
 
 TYPE_CHECKING = False
 
@@ -220,7 +220,13 @@ def _delete_entry(base: str, ident: str, atime: int) -> bool | None:
     Returns whether it deleted them, or None (nothing deleted) when a server listens there.
     """
     lock = lock_path(base, ident)
-    fd = lock_file(lock)
+    # An entry whose lock file is gone is gone (deleted by another cleanup while we waited)
+    # unless its socket is there (a reference client's entry): its lock is created then.
+    fd = lock_existing_file(lock)
+    if fd is None:
+        if _socket_atime(base, ident) == 0:
+            return False
+        fd = lock_file(lock)
     try:
         if _socket_atime(base, ident) != atime:
             return False  # used since we listed it: keep it
