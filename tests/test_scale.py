@@ -21,7 +21,7 @@ from _procfacts import (
     send_fds,
     socket_file,
 )
-from conftest import PYTHON, REPO, ProcRegistry, wait_for, write_script
+from conftest import PYTHON, REPO, ProcRegistry, scaled, wait_for, write_script
 
 from prefork.common import paths
 from prefork.common.locking import lock_file
@@ -99,7 +99,7 @@ def test_racing_cleanups_do_not_recreate_the_lock_they_deleted(rundir: str,
         os.unlink(lock)
     finally:
         os.close(fd)
-    out, _ = other.communicate(timeout=60)
+    other.communicate(timeout=scaled(60))
     assert other.returncode == 0
     assert sorted(os.listdir(base)) == ["l" + young, "s" + young], \
         "a cleanup recreated a lock file of an entry deleted under it"

@@ -152,7 +152,7 @@ class Autoreload:
             while True:
                 dirs.setdefault(parent, {}).setdefault(
                     os.fsencode(os.path.basename(child)), []).append(f)
-                if parent == child or parent == "/":
+                if parent in (child, "/"):
                     break
                 child, parent = parent, os.path.dirname(parent)
             wd = add(self.inotify_fd, os.fsencode(f), _FILE_MASK)
