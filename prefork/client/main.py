@@ -132,6 +132,8 @@ def _parse_words(words: list[str], opts: Options, combined: bool) -> list[str]:
                         raise ClientError(f"option -{c} needs an argument")
                     val = words[i]
                 if c == "g":
+                    if "/" in val:  # a name in the run directory, never a path
+                        raise ClientError(f"-g {val!r}: an ident must not contain '/'")
                     opts.ident = val
                 else:
                     opts.ident_opts.append((c, fsencode(val)))
@@ -198,11 +200,15 @@ def server_ident(opts: Options, base: str) -> str:
     if opts.ident is not None:
         return opts.ident
     extra = [b"a" + fsencode(a) for a in opts.interp_args]
+    script = None if opts.script is None else fsencode(opts.script)
     if opts.any_cwd:
         extra.append(b"any-cwd")
-    return compute_ident(
-        base, fsencode(opts.interp), None if opts.script is None else fsencode(opts.script),
-        opts.ident_opts, cwd=None if opts.any_cwd else ".", extra=extra)
+        if script is not None and not script.startswith(b"/"):
+            # Without the cwd in the ident, a relative path names another script in each
+            # directory: the ident has the absolute one (the request keeps what was typed).
+            script = posix.getcwdb() + b"/" + script
+    return compute_ident(base, fsencode(opts.interp), script, opts.ident_opts,
+                         cwd=None if opts.any_cwd else ".", extra=extra)
 
 
 def connect_or_spawn(opts: Options, base: str) -> Connection:
@@ -396,6 +402,16 @@ def run(argv: list[str]) -> int:
     return read_status_v1(sock)
 
 
+def _os_error(e: OSError) -> str:
+    """What failed, for a system call of ours that raised ``e``."""
+    text = e.strerror or str(e)
+    if e.filename is not None:
+        text += f": {e.filename}"
+    if e.errno == 24:  # EMFILE (no subclass for it; nothing more can be imported now)
+        text += " (the fd limit, ulimit -n, is too low for a call)"
+    return text
+
+
 def main() -> None:
     """Entry point of ``prefork-interp``."""
     try:
@@ -404,6 +420,8 @@ def main() -> None:
         msg = f"prefork-interp: {e}\n"
     except (BrokenPipeError, ConnectionResetError) as e:
         msg = f"prefork-interp: the server went away during the call ({e.strerror})\n"
+    except OSError as e:  # one of our own system calls, e.g. out of fds (ulimit -n 6)
+        msg = f"prefork-interp: {_os_error(e)}\n"
     except KeyboardInterrupt:
         _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
         posix.kill(posix.getpid(), _signal.SIGINT)
