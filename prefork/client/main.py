@@ -32,17 +32,20 @@ from prefork.client.wire import (
     ClientError,
     Connection,
     ScriptEnded,
+    peer_creds,
     read_status_v1,
     send_request,
     try_connect,
 )
 from prefork.common import protocol
-from prefork.common.consts import EXIT_FAILED, FORWARDED_SIGNALS
+from prefork.common.consts import EXIT_FAILED, FORWARDED_SIGNALS, socket_name
 from prefork.common.ident import (
     RunDirError,
     compute_ident,
     fast_run_base,
     fsencode,
+    open_run_dir,
+    read_small_file,
     socket_path,
 )
 
@@ -216,9 +219,21 @@ def connect_or_spawn(opts: Options, base: str) -> Connection:
 
     Raises ``ScriptEnded`` when a server was to be started and the script ended first.
     """
+    # The run directory is opened once and the socket reached through that fd: what the
+    # path names cannot change under us (its ancestors are checked in run_base).
+    dir_fd, prefix = open_run_dir(base)
+    try:
+        return _connect_or_spawn(opts, base, prefix)
+    finally:
+        posix.close(dir_fd)
+
+
+def _connect_or_spawn(opts: Options, base: str, prefix: str) -> Connection:
     while True:
         ident = server_ident(opts, base)
-        conn = None if opts.force else try_connect(socket_path(base, ident))
+        conn = None
+        if not opts.force:
+            conn = try_connect(f"{prefix}/{socket_name(ident)}", socket_path(base, ident))
         if conn is None:
             from prefork.client import start
 
@@ -305,9 +320,27 @@ def x1_call_loop(sock: _socket.socket, wake_r: int) -> int:
                 if tag == protocol.REC_STATUS:
                     return value
                 if tag == protocol.REC_PID:
-                    executor = value
+                    executor = value if _our_executor(sock, value) else 0
                 elif tag == protocol.REC_STOPPED:
                     _stop_self(value)
+
+
+def _our_executor(sock: _socket.socket, pid: int) -> bool:
+    """Whether ``pid`` (a ``P`` record) is an executor of the server at the other end of
+    ``sock``, so that its process group may be signalled: a process of ours, leading its own
+    group, a child of the peer (``SO_PEERCRED``; or the peer is us: the first call, over the
+    socketpair to the server we started)."""
+    me = posix.getpid()
+    if pid <= 1 or pid == me or pid == posix.getpgrp():
+        return False
+    try:
+        peer = peer_creds(sock)[0]
+        st = posix.stat(f"/proc/{pid}")
+        fields = read_small_file(f"/proc/{pid}/stat").rsplit(b")", 1)[1].split()
+        ppid, pgrp = int(fields[1]), int(fields[2])
+    except (OSError, IndexError, ValueError):
+        return False
+    return st.st_uid == posix.getuid() and pgrp == pid and peer in (ppid, me)
 
 
 def _stop_self(sig: int) -> None:

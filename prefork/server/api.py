@@ -223,6 +223,9 @@ def _serve(config: ServerConfig) -> bool:
     _daemonise()
     try:
         _detach(config.script)
+        # listen() again: clients' SO_PEERCRED then name this process (not the client that
+        # started it), so that they can check the executors it names (P records).
+        ends.listen_sock.listen(128)
         server = Server(listen_sock=ends.listen_sock, call_sock=ends.call_sock,
                         watch_in_fd=spec.watch_in, watch_err_fd=spec.watch_err,
                         birth_ns=spec.birth_ns, log=log, max_servers=config.max_servers,
