@@ -124,7 +124,8 @@ def unsafe_ancestor(path: str, uid: int) -> tuple[str, str] | None:
     between our check and our use of it: every directory the kernel walks through to reach
     ``path``'s last component (symlinks followed) must be owned by us or root and writable by
     no one else, unless sticky (``/tmp``: others cannot rename or delete what is not theirs).
-    Directories that do not exist yet (to be created by us) end the walk.
+    A component that does not exist yet (to be created by us), or is not a directory, ends
+    the walk.
     """
     pending = [c for c in path.split("/")[:-1] if c]
     current = "/"
@@ -155,6 +156,8 @@ def unsafe_ancestor(path: str, uid: int) -> tuple[str, str] | None:
             if target.startswith("/"):
                 current = "/"
             continue
+        if st.st_mode & _S_IFMT != _S_IFDIR:
+            return None  # no directory can be there: using the path fails, and says so
         problem = _ancestor_problem(step, uid, st)
         if problem is not None:
             return step, problem
