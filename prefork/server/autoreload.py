@@ -16,9 +16,11 @@ A file missing at a check (a deploy half done) does not make the server stale by
 is ``stat``-ed at every later check until it is back, and then it is a different file.
 
 Checking thousands of files with ``stat`` on every call costs milliseconds, so each file gets
-an inotify watch (modify, attribute/link-count change, move, delete), and so does every
-directory on its path (an entry of the next name created, deleted or moved in or out: a
-rename over the file, a package directory replaced, a ``current`` symlink swapped).  A check
+an inotify watch (modify, attribute/link-count change, move, delete), and so does the
+directory holding it (an entry of its name created, deleted or moved in or out: a rename over
+the file; the directory itself moved or deleted: a package directory replaced), and, for the
+script, the interpreter and extra paths, every directory above (a ``current`` symlink
+swapped).  A check
 is then one non-blocking ``read`` of the inotify fd, and only the files that events name are
 ``stat``-ed.  A watch follows an inode, not a path: files whose watch is gone (the inode
 deleted, or the watch limit reached, or no inotify at all) are ``stat``-ed at every check.
@@ -76,6 +78,19 @@ def module_files() -> list[str]:
     if sys.executable:
         files.append(sys.executable)
     return files
+
+
+def _imported_module_files() -> set[str]:
+    """Absolute paths of the files of imported modules, but the script's (``__main__``)."""
+    found = set()
+    for name, mod in list(sys.modules.items()):
+        f = getattr(mod, "__file__", None)
+        if isinstance(f, str) and name != "__main__":
+            found.add(os.path.abspath(f))
+    main = getattr(sys.modules.get("__main__"), "__file__", None)
+    if isinstance(main, str):
+        found.discard(os.path.abspath(main))
+    return found
 
 
 def _inotify() -> tuple[int, Callable[[int, bytes, int], int]] | None:
@@ -140,11 +155,18 @@ class Autoreload:
     # ------------------------------------------------------------ watches
 
     def _watch(self, files: Iterable[str]) -> None:
-        """Watch ``files`` and every directory on their paths; poll those that cannot be."""
+        """Watch ``files`` and the directories on their paths; poll those that cannot be.
+
+        Every directory up to ``/`` for the script, the interpreter and extra paths (a
+        ``current`` symlink swapped anywhere above them); only the directory holding it for
+        an imported module's file (thousands of them, in trees a deploy replaces whole or
+        not at all; every event in a watched directory costs a read at the next call).
+        """
         add = self._add
         if add is None:
             self.polled.update(files)
             return
+        shallow = _imported_module_files()
         dirs: dict[str, dict[bytes, list[str]]] = {}
         for f in files:
             child = f
@@ -152,7 +174,7 @@ class Autoreload:
             while True:
                 dirs.setdefault(parent, {}).setdefault(
                     os.fsencode(os.path.basename(child)), []).append(f)
-                if parent in (child, "/"):
+                if parent in (child, "/") or f in shallow:
                     break
                 child, parent = parent, os.path.dirname(parent)
             wd = add(self.inotify_fd, os.fsencode(f), _FILE_MASK)
