@@ -53,6 +53,7 @@ from _procfacts import (
     fd_count,
     gone,
     listening_pid,
+    log_text,
     rss_kib,
     title,
 )
@@ -108,6 +109,7 @@ class State:
     executor_killed: set[int] = field(default_factory=set)
     server_kills: list[float] = field(default_factory=list)
     faults: dict[str, int] = field(default_factory=dict)
+    fault_log: list[tuple[float, str]] = field(default_factory=list)  # (start, fault)
     stop: bool = False
     extra_n: int = 10**6  # call numbers for the fault thread's own calls (-f)
 
@@ -183,6 +185,8 @@ def _slow_running(st: State) -> list[int]:
 
 
 def _apply(st: State, fault: str) -> None:
+    with st.lock:
+        st.fault_log.append((time.monotonic(), fault))
     server = _server_of(st)
     sock_paths = [os.path.join(st.rundir, n) for n in os.listdir(st.rundir) if n[0] == "s"]
     if fault == "server-term" and server:
@@ -368,7 +372,14 @@ def test_soak_under_faults(rundir: str, env: dict[str, str]) -> None:
           f"idle CPU over {IDLE_CPU_WINDOW:g}s (s): "
           f"{ {pid: t / hz for pid, t in idle_ticks.items()} }")
     for o in lost[:10]:
-        print(f"  lost call {o.n}: rc {o.rc} out {o.out[:80]!r} err {o.err[-300:]!r}")
+        before = [f for t, f in st.fault_log if t <= o.end][-2:]
+        print(f"  lost call {o.n} (after faults {before}): rc {o.rc} out {o.out[:80]!r} "
+              f"err {o.err[-300:]!r}")
+    if lost:
+        print("server log, errors and warnings:")
+        for line in log_text(rundir).splitlines():
+            if "ERROR" in line or "failed" in line:
+                print("  " + line[:300])
     assert not lost, f"{len(lost)} calls lost"
     assert st.faults.keys() >= set(PHASE_A_FAULTS) - {"executor-kill", "client-kill"}, \
         st.faults
