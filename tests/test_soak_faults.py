@@ -381,8 +381,9 @@ def test_soak_under_faults(rundir: str, env: dict[str, str]) -> None:
             if "ERROR" in line or "failed" in line:
                 print("  " + line[:300])
     assert not lost, f"{len(lost)} calls lost"
-    assert st.faults.keys() >= set(PHASE_A_FAULTS) - {"executor-kill", "client-kill"}, \
-        st.faults
+    if split // INTERVAL > len(PHASE_A_FAULTS):  # every fault had its turn
+        assert st.faults.keys() >= set(PHASE_A_FAULTS) - {"executor-kill", "client-kill"}, \
+            st.faults
     assert phase_b_servers == {str(server).encode()}, phase_b_servers
     assert fds1 == fds0
     assert rss1 - rss0 <= RSS_GROWTH_KIB
