@@ -17,7 +17,7 @@ import subprocess
 
 import pytest
 from _procfacts import Lines, gone, socket_file
-from conftest import CLIENT, PYTHON, ProcRegistry, wait_for, write_script
+from conftest import CLIENT, PYTHON, ProcRegistry, scaled, wait_for, write_script
 
 SCRIPT = """
 import os, sys
@@ -171,3 +171,32 @@ def test_listener_of_another_uid_is_refused_before_the_request(
     fake.wait()
     assert victim.poll() is None
     victim.send_signal(signal.SIGKILL)
+
+
+HOLD = """
+import os, subprocess, sys
+import prefork
+prefork.initialisation_complete(log="file", autoreload=False)
+if sys.argv[1:] == ["hold"]:
+    child = subprocess.Popen(["sleep", "1000"])  # in the executor's process group
+    print(os.getppid(), os.getpid(), child.pid, flush=True)
+    sys.stdin.buffer.read()
+print("ok", os.getppid())
+"""
+
+
+def test_warm_call_whose_server_is_killed_still_cleans_up(
+        rundir: str, env: dict[str, str], procs: ProcRegistry) -> None:
+    """The verified case: a warm call (its connection's peer is the server, which listened
+    again once it was the server) whose server is SIGKILLed: the client kills what the
+    executor started."""
+    script = write_script(rundir, "h.py", HOLD)
+    rc, _, err = procs.run([script], env=env)  # the cold start: the first call
+    assert rc == 0, err
+    p = procs.popen([script, "hold"], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE)
+    assert p.stdout is not None
+    server, executor, child = map(int, Lines(p.stdout.fileno()).line().split())
+    os.kill(server, signal.SIGKILL)
+    assert p.wait(timeout=scaled(60)) == 127
+    wait_for(lambda: gone(executor) and gone(child), what="the executor and its child gone")
