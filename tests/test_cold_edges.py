@@ -15,8 +15,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from _procfacts import fd_links
-from conftest import CLIENT, PYTHON, ProcRegistry, write_script
+from harness import CLIENT, PYTHON, ProcRegistry, write_script
+from procfs import fd_links
 
 SCRIPT = """
 import os, sys

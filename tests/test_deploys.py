@@ -19,8 +19,8 @@ import subprocess
 import zipfile
 
 import pytest
-from _procfacts import gone
-from conftest import CLIENT, PYTHON, REPO, ProcRegistry, wait_for, write_script
+from harness import CLIENT, PYTHON, REPO, ProcRegistry, wait_for, write_script
+from procfs import gone
 
 SCRIPT = """
 import os, sys

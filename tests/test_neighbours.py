@@ -16,8 +16,9 @@ import signal
 import subprocess
 
 import pytest
-from _procfacts import Lines, gone, socket_file
-from conftest import CLIENT, PYTHON, ProcRegistry, scaled, wait_for, write_script
+from _procfacts import socket_file
+from harness import CLIENT, PYTHON, Lines, ProcRegistry, scaled, wait_for, write_script
+from procfs import gone
 
 SCRIPT = """
 import os, sys

@@ -21,7 +21,7 @@ from _procfacts import (
     send_fds,
     socket_file,
 )
-from conftest import PYTHON, REPO, ProcRegistry, scaled, wait_for, write_script
+from harness import PYTHON, REPO, ProcRegistry, scaled, wait_for, write_script
 
 from prefork.common import paths
 from prefork.common.locking import lock_file

@@ -45,19 +45,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pytest
-from _procfacts import (
-    asleep_in_epoll,
-    children,
-    cmdline_pids,
-    executors,
-    fd_count,
-    gone,
-    listening_pid,
-    log_text,
-    rss_kib,
-    title,
-)
-from conftest import CLIENT, PYTHON, VENV_BIN, scaled, wait_for, write_script
+from _procfacts import asleep_in_epoll, executors, log_text
+from harness import CLIENT, PYTHON, VENV_BIN, scaled, wait_for, write_script
+from procfs import children, cmdline_pids, fd_count, gone, listening_pid, rss_kib, title
 
 CALLS = int(os.environ.get("PF_SOAK_CALLS", "10000"))
 WORKERS = 4
