@@ -12,6 +12,7 @@ peer that is not our server.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 
@@ -127,6 +128,28 @@ def _fake_server(procs: ProcRegistry, path: str, victim: int, uid: int = -1
     return fake, lines
 
 
+def _victim(procs: ProcRegistry) -> subprocess.Popen[bytes]:
+    """A process group of the test's own for a fake server to name: ``cat`` in its own
+    session (never a group that is not ours to lose)."""
+    return procs.popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                       start_new_session=True)
+
+
+def _alive(victim: subprocess.Popen[bytes]) -> bool:
+    """Whether ``victim`` was not killed: it echoes a line written now.  A SIGKILL sent
+    before (by a client that has exited since) is acted on before it can run again, so
+    the answer is certain, not a race with the signal's delivery."""
+    assert victim.stdin is not None and victim.stdout is not None
+    try:
+        victim.stdin.write(b"ping\n")
+        victim.stdin.flush()
+    except BrokenPipeError:
+        return False
+    fd = victim.stdout.fileno()
+    assert select.select([fd], [], [], scaled(10))[0], "cat neither echoed nor ended"
+    return os.read(fd, 100) == b"ping\n"  # b"": killed
+
+
 def _stop_real_server(script: str, env: dict[str, str], procs: ProcRegistry) -> str:
     """Start the script's server, then stop it: its socket path, free for a fake."""
     rc, out, err = procs.run([script], env=env)
@@ -145,14 +168,13 @@ def test_fake_server_cannot_make_the_client_kill_a_process_group(
     client reports the failure and signals nobody."""
     script = write_script(rundir, "n.py", SCRIPT)
     sock = _stop_real_server(script, env, procs)
-    victim = procs.popen(["sleep", "1000"], start_new_session=True)
+    victim = _victim(procs)
     fake, lines = _fake_server(procs, sock, victim.pid)
     rc, out, err = procs.run([script], env=env)
     assert rc == 127, (rc, out, err)
     assert lines.line().startswith(b"got ")
     fake.wait()
-    assert victim.poll() is None, "the client killed a process group a peer named"
-    victim.send_signal(signal.SIGKILL)
+    assert _alive(victim), "the client killed a process group a peer named"
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="a listener of another uid needs root")
@@ -164,14 +186,13 @@ def test_listener_of_another_uid_is_refused_before_the_request(
     sock = _stop_real_server(script, env, procs)
     # The P record names a group of the test's own (never a shared one: before the fix the
     # client signalled whatever the peer named).
-    victim = procs.popen(["sleep", "1000"], start_new_session=True)
+    victim = _victim(procs)
     fake, lines = _fake_server(procs, sock, victim.pid, uid=65534)
     rc, out, err = procs.run([script], env=env)
     _one_line_127(rc, out, err, "uid 65534")
     assert lines.line() == b"got 0 bytes 0 fds"
     fake.wait()
-    assert victim.poll() is None
-    victim.send_signal(signal.SIGKILL)
+    assert _alive(victim)
 
 
 HOLD = """
