@@ -92,7 +92,6 @@ lst.listen(1)
 print("listening", flush=True)
 conn, _ = lst.accept()
 tok = b"prefork-x1\0"
-conn.sendall(b"PFI\n" + struct.pack("=I", len(tok)) + tok)
 got, fds = b"", 0
 def take(n):
     global got, fds
@@ -105,6 +104,7 @@ def take(n):
         got += data
         n -= len(data)
 try:
+    conn.sendall(b"PFI\n" + struct.pack("=I", len(tok)) + tok)  # refused at once: EPIPE
     take(2)                                   # signalling byte, then the fd-carrying byte
     start = len(got); take(4); (mlen,) = struct.unpack(">I", got[start:])
     take(mlen)
