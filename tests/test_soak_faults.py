@@ -46,14 +46,14 @@ from dataclasses import dataclass, field
 
 import pytest
 from _procfacts import asleep_in_epoll, executors, log_text
-from harness import CLIENT, PYTHON, VENV_BIN, scaled, wait_for, write_script
+from harness import CLIENT, PYTHON, VENV_BIN, poll_until, scaled, wait_for, write_script
 from procfs import children, cmdline_pids, fd_count, gone, listening_pid, rss_kib, title
 
 CALLS = int(os.environ.get("PF_SOAK_CALLS", "10000"))
 WORKERS = 4
 INTERVAL = 120  # completed calls between faults
 PHASE_A = 0.7
-SLOW = 9  # calls with n % SLOW == 1 run for a while: targets for client/executor kills
+SLOW = 16  # calls with n % SLOW == 1 run for a while: targets for client/executor kills
 RSS_GROWTH_KIB = 1024
 IDLE_CPU_WINDOW = 2.0  # seconds over which idle CPU is measured (a measurement, not a wait)
 
@@ -63,7 +63,7 @@ import prefork
 prefork.initialisation_complete(log="file")  # autoreload on: the deploys need it
 n = int(sys.argv[1])
 if n % {slow} == 1:
-    select.select([], [], [], 0.3)  # a call that runs a while
+    select.select([], [], [], 0.25)  # a call that runs a while
 print(n, os.getppid(), flush=True)
 sys.exit(3 if n % 10 == 0 else 0)
 """
@@ -174,6 +174,17 @@ def _slow_running(st: State) -> list[int]:
         return [n for n in st.running if n % SLOW == 1 and n < 10**6]
 
 
+def _slow_executors(st: State, server: int) -> list[tuple[int, int]]:
+    """``(executor pid, call number)`` of the server's executors running slow calls."""
+    slow = set(_slow_running(st))
+    found = []
+    for pid, _state in executors(server):
+        words = title(pid).split()
+        if words and words[-1].isdigit() and int(words[-1]) in slow:
+            found.append((pid, int(words[-1])))
+    return found
+
+
 def _apply(st: State, fault: str) -> None:
     with st.lock:
         st.fault_log.append((time.monotonic(), fault))
@@ -206,7 +217,7 @@ def _apply(st: State, fault: str) -> None:
         os.chmod(new, 0o755)
         os.rename(new, st.script)
     elif fault == "client-kill":
-        for n in _slow_running(st)[:2]:
+        for n in poll_until(lambda: _slow_running(st), 2.0)[:2]:
             with st.lock:
                 p = st.running.get(n)
                 if p is None:
@@ -214,17 +225,13 @@ def _apply(st: State, fault: str) -> None:
                 st.client_killed.add(n)
             p.kill()
     elif fault == "executor-kill" and server:
-        slow = set(_slow_running(st))
-        for pid, _state in executors(server):
-            words = title(pid).split()
-            if words and words[-1].isdigit() and int(words[-1]) in slow:
-                with st.lock:
-                    st.executor_killed.add(int(words[-1]))
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                break
+        for pid, n in poll_until(lambda: _slow_executors(st, server), 2.0)[:1]:
+            with st.lock:
+                st.executor_killed.add(n)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     elif fault == "idle-conns" and sock_paths:
         conns = _idle_connections(sock_paths[0], 40)
         try:
