@@ -33,17 +33,20 @@ from prefork.client.wire import (
     Connection,
     NoGreeting,
     ScriptEnded,
+    peer_creds,
     read_status_v1,
     send_request,
     try_connect,
 )
 from prefork.common import protocol
-from prefork.common.consts import EXIT_FAILED, FORWARDED_SIGNALS
+from prefork.common.consts import EXIT_FAILED, FORWARDED_SIGNALS, socket_name
 from prefork.common.ident import (
     RunDirError,
     compute_ident,
     fast_run_base,
     fsencode,
+    open_run_dir,
+    read_small_file,
     socket_path,
 )
 
@@ -133,6 +136,8 @@ def _parse_words(words: list[str], opts: Options, combined: bool) -> list[str]:
                         raise ClientError(f"option -{c} needs an argument")
                     val = words[i]
                 if c == "g":
+                    if "/" in val:  # a name in the run directory, never a path
+                        raise ClientError(f"-g {val!r}: an ident must not contain '/'")
                     opts.ident = val
                 else:
                     opts.ident_opts.append((c, fsencode(val)))
@@ -199,11 +204,15 @@ def server_ident(opts: Options, base: str) -> str:
     if opts.ident is not None:
         return opts.ident
     extra = [b"a" + fsencode(a) for a in opts.interp_args]
+    script = None if opts.script is None else fsencode(opts.script)
     if opts.any_cwd:
         extra.append(b"any-cwd")
-    return compute_ident(
-        base, fsencode(opts.interp), None if opts.script is None else fsencode(opts.script),
-        opts.ident_opts, cwd=None if opts.any_cwd else ".", extra=extra)
+        if script is not None and not script.startswith(b"/"):
+            # Without the cwd in the ident, a relative path names another script in each
+            # directory: the ident has the absolute one (the request keeps what was typed).
+            script = posix.getcwdb() + b"/" + script
+    return compute_ident(base, fsencode(opts.interp), script, opts.ident_opts,
+                         cwd=None if opts.any_cwd else ".", extra=extra)
 
 
 def connect_or_spawn(opts: Options, base: str) -> Connection:
@@ -211,11 +220,22 @@ def connect_or_spawn(opts: Options, base: str) -> Connection:
 
     Raises ``ScriptEnded`` when a server was to be started and the script ended first.
     """
+    # The run directory is opened once and the socket reached through that fd: what the
+    # path names cannot change under us (its ancestors are checked in run_base).
+    dir_fd, prefix = open_run_dir(base)
+    try:
+        return _connect_or_spawn(opts, base, prefix)
+    finally:
+        posix.close(dir_fd)
+
+
+def _connect_or_spawn(opts: Options, base: str, prefix: str) -> Connection:
     while True:
         ident = server_ident(opts, base)
         force = opts.force
         try:
-            conn = None if force else try_connect(socket_path(base, ident))
+            conn = None if force else try_connect(f"{prefix}/{socket_name(ident)}",
+                                                  socket_path(base, ident))
         except NoGreeting:
             # Accepted but never greeted: a dead server whose listener lives on in some
             # other process.  A fresh one takes over the socket path (the old one, if it
@@ -304,7 +324,7 @@ def x1_call_loop(sock: _socket.socket, wake_r: int) -> int:
                 if tag == protocol.REC_STATUS:
                     return value
                 if tag == protocol.REC_PID:
-                    executor = value
+                    executor = value if _our_executor(sock, value) else 0
                 elif tag == protocol.REC_STOPPED:
                     stop_sig = value
                 elif tag == protocol.REC_CONTINUED:
@@ -330,6 +350,24 @@ def x1_call_loop(sock: _socket.socket, wake_r: int) -> int:
         if stop_sig and not select.select([sock_fd], [], [], 0)[0]:
             _stop_self(stop_sig)
             stop_sig = 0
+
+
+def _our_executor(sock: _socket.socket, pid: int) -> bool:
+    """Whether ``pid`` (a ``P`` record) is an executor of the server at the other end of
+    ``sock``, so that its process group may be signalled: a process of ours, leading its own
+    group, a child of the peer (``SO_PEERCRED``; or the peer is us: the first call, over the
+    socketpair to the server we started)."""
+    me = posix.getpid()
+    if pid <= 1 or pid == me or pid == posix.getpgrp():
+        return False
+    try:
+        peer = peer_creds(sock)[0]
+        st = posix.stat(f"/proc/{pid}")
+        fields = read_small_file(f"/proc/{pid}/stat").rsplit(b")", 1)[1].split()
+        ppid, pgrp = int(fields[1]), int(fields[2])
+    except (OSError, IndexError, ValueError):
+        return False
+    return st.st_uid == posix.getuid() and pgrp == pid and peer in (ppid, me)
 
 
 def _stop_self(sig: int) -> None:
@@ -424,6 +462,16 @@ def run(argv: list[str]) -> int:
     return read_status_v1(sock)
 
 
+def _os_error(e: OSError) -> str:
+    """What failed, for a system call of ours that raised ``e``."""
+    text = e.strerror or str(e)
+    if e.filename is not None:
+        text += f": {e.filename}"
+    if e.errno == 24:  # EMFILE (no subclass for it; nothing more can be imported now)
+        text += " (the fd limit, ulimit -n, is too low for a call)"
+    return text
+
+
 def main() -> None:
     """Entry point of ``prefork-interp``."""
     try:
@@ -432,6 +480,8 @@ def main() -> None:
         msg = f"prefork-interp: {e}\n"
     except (BrokenPipeError, ConnectionResetError) as e:
         msg = f"prefork-interp: the server went away during the call ({e.strerror})\n"
+    except OSError as e:  # one of our own system calls, e.g. out of fds (ulimit -n 6)
+        msg = f"prefork-interp: {_os_error(e)}\n"
     except KeyboardInterrupt:
         _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
         posix.kill(posix.getpid(), _signal.SIGINT)

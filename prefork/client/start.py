@@ -27,7 +27,7 @@ from prefork.client.wire import (
     read_greeting,
     try_connect,
 )
-from prefork.common import envspec, locking, paths
+from prefork.common import envspec, fdio, locking, paths
 from prefork.common.consts import SUN_PATH_MAX
 from prefork.common.ident import RUNDIR_ENV, lock_path, socket_path
 
@@ -44,7 +44,12 @@ DEFAULT_SETUP_TIMEOUT = 120.0
 _RESET = tuple(_signal.valid_signals() - {_signal.SIGKILL, _signal.SIGSTOP})
 
 
-def _setup_timeout() -> float:
+#: A setup timeout longer than this (about 30 years; ``inf`` too) is no limit at all.
+_NO_LIMIT = 1e9
+
+
+def _setup_timeout() -> float | None:
+    """Seconds to wait for setup and the greeting; ``None``: no limit."""
     raw = os.environ.get(SETUP_TIMEOUT_ENV)
     if not raw:
         return DEFAULT_SETUP_TIMEOUT
@@ -52,24 +57,9 @@ def _setup_timeout() -> float:
         value = float(raw)
     except ValueError:
         raise ClientError(f"{SETUP_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
-    if value <= 0:
-        raise ClientError(f"{SETUP_TIMEOUT_ENV}={raw!r} must be positive")
-    return value
-
-
-def _close_strays(keep: tuple[int, ...]) -> list[tuple[int, int]]:
-    """spawn actions closing every inheritable fd >= 3 of the caller's but ``keep``: the
-    server must not hold on to the first caller's other fds for the rest of its life."""
-    actions = []
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd > 2 and fd not in keep:
-            try:
-                if os.get_inheritable(fd):
-                    actions.append((os.POSIX_SPAWN_CLOSE, fd))
-            except OSError:
-                pass
-    return actions
+    if not value > 0:  # also NaN
+        raise ClientError(f"{SETUP_TIMEOUT_ENV}={raw!r} must be a positive number of seconds")
+    return None if value > _NO_LIMIT else value
 
 
 def _watcher_cmd(sock_path: str) -> list[str]:
@@ -97,6 +87,7 @@ def connect_or_start(base: str, ident: str, setup_argv: list[str], *, force: boo
     Raises ``ScriptEnded`` when the script ended before it became a server (its own message
     is on the caller's stderr already; ours says what it means).
     """
+    timeout = _setup_timeout()  # refused before anything is touched
     with _locked_entry(base, ident) as sock_path:
         if not force:
             try:
@@ -105,7 +96,7 @@ def connect_or_start(base: str, ident: str, setup_argv: list[str], *, force: boo
                 conn = None
             if conn is not None:
                 return conn
-        return _start(setup_argv, sock_path)
+        return _start(setup_argv, sock_path, timeout)
 
 
 @contextmanager
@@ -165,17 +156,20 @@ def _spawn_watcher(sock_path: str) -> tuple[int, int]:
     watch_in_r, watch_in_w = os.pipe2(os.O_CLOEXEC)
     watch_err_r, watch_err_w = os.pipe2(os.O_CLOEXEC)
     cmd = _watcher_cmd(sock_path)
+    fdio.cloexec_strays()
     try:
-        pid = os.posix_spawnp(cmd[0], cmd, os.environ, file_actions=[
+        # (no entry without a name, ``=x``: execve allows it, posix_spawn does not)
+        pid = os.posix_spawnp(cmd[0], cmd, {k: v for k, v in os.environb.items() if k},
+                              file_actions=[
             (os.POSIX_SPAWN_DUP2, watch_in_r, 0),
             (os.POSIX_SPAWN_DUP2, watch_err_w, 1),
             (os.POSIX_SPAWN_DUP2, watch_err_w, 2),
-            *_close_strays(()),
         ], setsigdef=_RESET)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         for fd in (watch_in_r, watch_in_w, watch_err_r, watch_err_w):
             os.close(fd)
-        raise ClientError(f"execute watcher {cmd[0]}: {e.strerror}") from None
+        why = e.strerror if isinstance(e, OSError) else str(e)
+        raise ClientError(f"execute watcher {cmd[0]}: {why}") from None
     os.close(watch_in_r)
     os.close(watch_err_w)
     _, status = os.waitpid(pid, 0)
@@ -199,7 +193,9 @@ def _describe(status: int) -> str:
     return f"wait status {status:#x}"
 
 
-def _wait_readable(fd: int, deadline: float) -> bool:
+def _wait_readable(fd: int, deadline: float | None) -> bool:
+    if deadline is None:
+        return bool(select.select([fd], [], [])[0])
     left = deadline - time.monotonic()
     if left <= 0:
         return False
@@ -220,9 +216,9 @@ def _warn_fallback(sock_path: str) -> None:
             pass
 
 
-def _start(setup_argv: list[str], sock_path: str) -> Connection:
-    """Bind the socket, spawn the watcher and setup, wait for setup and the greeting."""
-    timeout = _setup_timeout()
+def _start(setup_argv: list[str], sock_path: str, timeout: float | None) -> Connection:
+    """Bind the socket, spawn the watcher and setup, wait for setup and the greeting (for
+    ``timeout`` seconds; ``None``: no limit)."""
     _warn_fallback(sock_path)
     with ExitStack() as undo:  # a start that fails leaves nothing behind
         listen_sock, birth_ns = _bind(sock_path)
@@ -238,7 +234,7 @@ def _start(setup_argv: list[str], sock_path: str) -> Connection:
             server_ends.callback(os.close, watch_err_r)
             pid = _spawn_setup(setup_argv, birth_ns, (
                 listen_sock.fileno(), call_server.fileno(), watch_in_w, watch_err_r), shared)
-        deadline = time.monotonic() + timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         status = _wait_setup(pid, deadline, timeout)
         if status != 0:
             if os.WIFEXITED(status) or os.WIFSIGNALED(status):
@@ -285,18 +281,22 @@ def _spawn_setup(argv: list[str], birth_ns: int, fds: tuple[int, int, int, int],
         os.set_inheritable(fd, True)
     # The caller's environment exactly (not os.environ: the client's own start-up may
     # have changed it, e.g. LC_CTYPE from C-locale coercion), plus PREFORK_INTERP.
-    env = dict(e.split(b"=", 1) for e in caller_env())
+    # An entry without a name (``=x``: execve allows it) cannot be passed by posix_spawn;
+    # the calls get the caller's environment from their requests, so setup can do without.
+    env = dict(e.split(b"=", 1) for e in caller_env() if not e.startswith(b"="))
     env[envspec.ENV_NAME.encode()] = envspec.build(
         birth_ns // 1_000_000_000, birth_ns % 1_000_000_000, *fds,
         shared_watcher=shared_watcher).encode()
+    fdio.cloexec_strays(fds)
     try:
         return os.posix_spawnp(argv[0], argv, env, file_actions=[
             (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
             (os.POSIX_SPAWN_DUP2, 2, 1),
-            *_close_strays(fds),
         ], setsigdef=_RESET)
     except OSError as e:
         raise ClientError(f"execute {argv[0]}: {e.strerror}") from None
+    except ValueError as e:  # an argument or environment entry spawn cannot pass
+        raise ClientError(f"execute {argv[0]}: {e}") from None
 
 
 def _unlink_quietly(path: str) -> None:
@@ -306,7 +306,7 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
-def _wait_setup(pid: int, deadline: float, timeout: float) -> int:
+def _wait_setup(pid: int, deadline: float | None, timeout: float | None) -> int:
     """Wait for setup's first process to exit (it forks the server and exits 0)."""
     pidfd = os.pidfd_open(pid)
     try:

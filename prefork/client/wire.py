@@ -8,6 +8,7 @@ which reads the greeting of the server it started); imports neither.  Hot path: 
 import _socket
 import posix
 import select
+import sys
 
 from prefork.common import fdio, protocol
 
@@ -69,9 +70,22 @@ def read_greeting(sock: _socket.socket) -> frozenset[bytes] | None:
     return protocol.decode_offer(xdata)
 
 
-def try_connect(sock_path: str) -> Connection | None:
+def peer_creds(sock: _socket.socket) -> tuple[int, int]:
+    """``(pid, uid)`` of the peer (``SO_PEERCRED``): for a server's socket, the process that
+    last called ``listen`` on it (our server does once it is the server)."""
+    creds = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
+    return (int.from_bytes(creds[0:4], sys.byteorder, signed=True),
+            int.from_bytes(creds[4:8], sys.byteorder))
+
+
+def try_connect(sock_path: str, shown: str | None = None) -> Connection | None:
     """Connect to a running server and read its greeting; None if there is none, and
-    ``NoGreeting`` if one accepted but said nothing within ``greeting_timeout()``."""
+    ``NoGreeting`` if one accepted but said nothing within ``greeting_timeout()``.
+
+    ``shown`` is the path to name in messages (``sock_path`` may go through
+    ``/proc/self/fd``).  A listener of another uid is refused before anything is sent.
+    """
+    shown = sock_path if shown is None else shown
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     try:
         sock.connect(sock_path)
@@ -80,11 +94,16 @@ def try_connect(sock_path: str) -> Connection | None:
         return None
     except OSError as e:
         sock.close()
-        raise ClientError(f"connect to {sock_path}: {e.strerror or e}") from None
+        raise ClientError(f"connect to {shown}: {e.strerror or e}") from None
+    uid = peer_creds(sock)[1]
+    if uid != posix.getuid():
+        sock.close()
+        raise ClientError(f"the server at {shown} runs as uid {uid}, not as us "
+                          f"(uid {posix.getuid()}): refused")
     # One poll before the first read (the greeting is usually there already).
     if not select.select([sock], [], [], greeting_timeout())[0]:
         sock.close()
-        raise NoGreeting(sock_path)
+        raise NoGreeting(shown)
     offer = read_greeting(sock)
     if offer is None:
         sock.close()

@@ -49,9 +49,17 @@ def build(birth_sec: int, birth_nsec: int, listen: int, call: int, watch_in: int
     return value + f" {SHARED_WATCHER}" if shared_watcher else value
 
 
-def _number(word: str, what: str, value: str) -> int:
+#: Largest fd number (a C ``int``) and socket time in seconds (a 64-bit ``time_t``).
+_FD_MAX = 2**31 - 1
+_SECS_MAX = 2**63 - 1
+
+
+def _number(word: str, what: str, value: str, limit: int) -> int:
     if not word.isdigit() or not word.isascii():
         raise EnvSpecError(f"{ENV_NAME}={value!r}: {what} {word!r} is not a number")
+    if len(word) > len(str(limit)) or int(word) > limit:
+        raise EnvSpecError(f"{ENV_NAME}={value!r}: {what} {word!r} is out of range "
+                           f"(at most {limit})")
     return int(word)
 
 
@@ -69,12 +77,12 @@ def parse(value: str) -> EnvSpec:
     secs, dot, nsecs = vsn[1].partition(".")
     if not dot or len(nsecs) != 9:
         raise EnvSpecError(f"{ENV_NAME}={value!r}: socket time {vsn[1]!r} is not SECS.NNNNNNNNN")
-    birth_ns = (_number(secs, "seconds", value) * 1_000_000_000
-                + _number(nsecs, "nanoseconds", value))
+    birth_ns = (_number(secs, "seconds", value, _SECS_MAX) * 1_000_000_000
+                + _number(nsecs, "nanoseconds", value, 999_999_999))
     fds = words[1].split(",")
     if len(fds) < 4:
         raise EnvSpecError(f"{ENV_NAME}={value!r}: too few fds (need 4)")
-    nums = [_number(f, "fd", value) for f in fds[:4]]
+    nums = [_number(f, "fd", value, _FD_MAX) for f in fds[:4]]
     if len(set(nums)) != 4 or min(nums) < 3:
         raise EnvSpecError(f"{ENV_NAME}={value!r}: fds must be four distinct numbers >= 3")
     shared = len(words) > 2 and SHARED_WATCHER in words[2].split(",")

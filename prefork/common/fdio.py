@@ -59,3 +59,19 @@ def recv_with_fds(sock: _socket.socket, bufsize: int, maxfds: int) -> tuple[byte
             posix.close(fd)
         raise ValueError(f"too many fds in one message (more than {maxfds})")
     return data, fds
+
+
+def cloexec_strays(keep: "Sequence[int]" = ()) -> None:
+    """Make every inheritable fd >= 3 but ``keep`` close-on-exec in this process, before it
+    spawns a process that lives on (a server, a watcher): that process must not hold one
+    caller's other files for the rest of its life.  Not spawn close actions: glibc refuses
+    one for an fd at or above the soft ``RLIMIT_NOFILE``, and a caller may hold such an fd
+    (``exec 200>x; ulimit -n 64``)."""
+    for name in posix.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in keep:
+            try:
+                if posix.get_inheritable(fd):
+                    posix.set_inheritable(fd, False)
+            except OSError:
+                pass  # the listing's own fd, gone by now

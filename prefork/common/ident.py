@@ -112,6 +112,96 @@ def dir_problem(st: posix.stat_result, uid: int) -> str | None:
     return None
 
 
+_S_ISVTX = 0o1000
+_MAX_SYMLINKS = 40  # as the kernel's path walk
+
+
+def unsafe_ancestor(path: str, uid: int) -> tuple[str, str] | None:
+    """The first directory above ``path`` that someone but us or root could change, and
+    why; ``None`` if there is none (OpenSSH's StrictModes rule).
+
+    Whoever can rename entries in an ancestor can swap the run directory for their own
+    between our check and our use of it: every directory the kernel walks through to reach
+    ``path``'s last component (symlinks followed) must be owned by us or root and writable by
+    no one else, unless sticky (``/tmp``: others cannot rename or delete what is not theirs).
+    A component that does not exist yet (to be created by us), or is not a directory, ends
+    the walk.
+    """
+    pending = [c for c in path.split("/")[:-1] if c]
+    current = "/"
+    links = 0
+    problem = _ancestor_problem("/", uid)
+    if problem is not None:
+        return "/", problem
+    while pending:
+        name = pending.pop(0)
+        if name == ".":
+            continue
+        if name == "..":
+            current = current.rsplit("/", 1)[0] or "/"
+            continue
+        step = current.rstrip("/") + "/" + name
+        try:
+            st = posix.lstat(step)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            return step, f"cannot be checked ({e.strerror})"
+        if st.st_mode & _S_IFMT == _S_IFLNK:
+            links += 1
+            if links > _MAX_SYMLINKS:
+                return step, "is a symlink loop"
+            target = fsdecode(posix.readlink(fsencode(step)))
+            pending[:0] = [c for c in target.split("/") if c]
+            if target.startswith("/"):
+                current = "/"
+            continue
+        if st.st_mode & _S_IFMT != _S_IFDIR:
+            return None  # no directory can be there: using the path fails, and says so
+        problem = _ancestor_problem(step, uid, st)
+        if problem is not None:
+            return step, problem
+        current = step
+    return None
+
+
+def _ancestor_problem(path: str, uid: int, st: posix.stat_result | None = None) -> str | None:
+    if st is None:
+        st = posix.lstat(path)
+    if st.st_mode & _S_IFMT != _S_IFDIR:
+        return "is not a directory"
+    if st.st_uid not in (0, uid):
+        return f"is owned by uid {st.st_uid}, neither us (uid {uid}) nor root"
+    if st.st_mode & 0o022 and not st.st_mode & _S_ISVTX:
+        return (f"mode {st.st_mode & 0o7777:04o} lets others rename what is in it "
+                "(only a sticky directory, such as /tmp, may be writable by others)")
+    return None
+
+
+def open_run_dir(base: str) -> tuple[int, str]:
+    """Open the checked run directory once: its fd (close-on-exec; the caller closes it),
+    and the prefix to name entries in it by, ``/proc/self/fd/N``, which keeps meaning this
+    directory whatever is renamed meanwhile (``connect`` has no ``*at`` form).  Without
+    ``/proc``, the prefix is ``base`` itself."""
+    fd = posix.open(base, posix.O_PATH | posix.O_DIRECTORY | posix.O_NOFOLLOW | posix.O_CLOEXEC)
+    try:
+        st = posix.fstat(fd)
+        problem = dir_problem(st, posix.getuid())
+        if problem is not None:
+            raise RunDirError(base, problem)
+        prefix = f"/proc/self/fd/{fd}"
+        try:
+            via = posix.stat(prefix)
+        except OSError:
+            return fd, base
+        if (via.st_dev, via.st_ino) != (st.st_dev, st.st_ino):
+            return fd, base
+        return fd, prefix
+    except BaseException:
+        posix.close(fd)
+        raise
+
+
 def is_private_dir(path: str, uid: int) -> bool:
     """Whether ``path`` exists and passes ``dir_problem``."""
     try:
@@ -163,7 +253,7 @@ def fast_run_base(environ: "Mapping[bytes, bytes]") -> str | None:
         if not override.startswith(b"/"):
             return None
         base = fsdecode(override.rstrip(b"/") or b"/")
-        return base if is_private_dir(base, uid) else None
+        return base if _usable(base, uid) else None
     user_dir = user_run_dir(uid)
     try:
         st = posix.lstat(user_dir)
@@ -181,7 +271,12 @@ def fast_run_base(environ: "Mapping[bytes, bytes]") -> str | None:
         if dir_problem(st, uid) is not None:
             return None
         base = f"{user_dir}/{USER_RUN_SUBDIR}"
-    return base if is_private_dir(base, uid) else None
+    return base if _usable(base, uid) else None
+
+
+def _usable(base: str, uid: int) -> bool:
+    """A private directory of ours, in directories no one else can change."""
+    return is_private_dir(base, uid) and unsafe_ancestor(base, uid) is None
 
 
 # --- ident and file names ------------------------------------------------------------------

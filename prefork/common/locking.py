@@ -32,11 +32,21 @@ def try_lock_file(path: str) -> int | None:
     return _lock(path, blocking=False)
 
 
-def _lock(path: str, *, blocking: bool) -> int | None:
+def lock_existing_file(path: str) -> int | None:
+    """Like ``lock_file`` but never creating ``path``: ``None`` once it does not exist (a
+    cleanup must not bring back a lock file that another one deleted while it waited)."""
+    try:
+        return _lock(path, blocking=True, create=False)
+    except FileNotFoundError:
+        return None
+
+
+def _lock(path: str, *, blocking: bool, create: bool = True) -> int | None:
     """Open, flock and re-check ``path`` until the locked inode is the one at the path."""
     operation = fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB
+    flags = _OPEN_FLAGS if create else _OPEN_FLAGS & ~os.O_CREAT
     while True:
-        fd = os.open(path, _OPEN_FLAGS, _LOCK_MODE)
+        fd = os.open(path, flags, _LOCK_MODE)
         keep = False
         try:
             try:

@@ -26,9 +26,10 @@ from prefork.common.ident import (
     passwd_home,
     read_small_file,
     socket_path,
+    unsafe_ancestor,
     user_run_dir,
 )
-from prefork.common.locking import lock_file
+from prefork.common.locking import lock_existing_file, lock_file
 
 TYPE_CHECKING = False
 
@@ -66,6 +67,7 @@ def run_base_with_reason(environ: Mapping[str, str] | None = None) -> tuple[str,
         if not override.startswith("/"):
             raise RunDirError(override, f"${RUNDIR_ENV} must be an absolute path")
         base = override.rstrip("/") or "/"
+        _check_ancestors(base)  # before creating anything there
         _create_private(base, parents=True)
         check_run_dir(base)
         return base, None
@@ -106,6 +108,7 @@ def check_run_dir(path: str) -> None:
     """Refuse (``RunDirError``) unless ``path`` is a real directory of ours with mode ``0700``.
 
     The sockets in it are the only access control: anyone who can reach them runs code as us.
+    Nor may anyone else be able to change a directory above it (``_check_ancestors``).
     """
     try:
         st = os.lstat(path)
@@ -116,6 +119,16 @@ def check_run_dir(path: str) -> None:
     problem = dir_problem(st, os.getuid())
     if problem is not None:
         raise RunDirError(path, problem)
+    _check_ancestors(path)
+
+
+def _check_ancestors(path: str) -> None:
+    """Refuse ``path`` if another user could change a directory above it
+    (``ident.unsafe_ancestor``)."""
+    unsafe = unsafe_ancestor(path, os.getuid())
+    if unsafe is not None:
+        above, problem = unsafe
+        raise RunDirError(path, f"{above} above it {problem}")
 
 
 def _create_private(path: str, *, parents: bool) -> None:
@@ -220,7 +233,13 @@ def _delete_entry(base: str, ident: str, atime: int) -> bool | None:
     Returns whether it deleted them, or None (nothing deleted) when a server listens there.
     """
     lock = lock_path(base, ident)
-    fd = lock_file(lock)
+    # An entry whose lock file is gone is gone (deleted by another cleanup while we waited)
+    # unless its socket is there (a reference client's entry): its lock is created then.
+    fd = lock_existing_file(lock)
+    if fd is None:
+        if _socket_atime(base, ident) == 0:
+            return False
+        fd = lock_file(lock)
     try:
         if _socket_atime(base, ident) != atime:
             return False  # used since we listed it: keep it

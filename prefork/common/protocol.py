@@ -242,15 +242,21 @@ class RequestParser:
     ``feed(data, fds)`` returns ``None`` until the request is complete, then the ``Request``;
     bytes after the request are kept in ``rest``.  Raises ``ProtocolError`` on anything wrong;
     the caller then closes ``self.fds`` (fds received so far, in order).
+
+    Linear in the request's size: bytes are appended to one ``bytearray``, the header is
+    parsed again only once enough has arrived to get further (``_wait``), and the message is
+    decoded once, when complete.
     """
 
     def __init__(self, x1_offered: bool) -> None:
         self.x1_offered = x1_offered
-        self.buf = b""
+        self.buf = bytearray()
         self.fds: list[int] = []
         self.rest = b""
         self.extended: bool | None = None
         self.done = False
+        self._wait = 1  # bytes needed before parsing again can get further
+        self._message: tuple[list[tuple[bytes, bytes]], list[bytes]] | None = None
 
     def _need_fds(self) -> int:
         return X1_FDS if self.extended else V1_FDS
@@ -260,8 +266,8 @@ class RequestParser:
         if self.done:
             raise ProtocolError("data after the request was complete")
         self.fds.extend(fds)
-        self.buf += data
         buf = self.buf
+        buf += data
         if not buf:
             if self.fds:
                 raise ProtocolError("fds received before the signalling byte")
@@ -275,42 +281,54 @@ class RequestParser:
             else:
                 raise ProtocolError(f"signalling byte is {sig:#04x}, not zero")
         need = self._need_fds()
-        fd_bytes = 1 if self.extended else V1_FDS
         if len(self.fds) > need:
             raise ProtocolError(f"{len(self.fds)} fds received, expected {need}")
+        if len(buf) < self._wait:
+            return None
+        return self._parse(buf, need)
+
+    def _parse(self, buf: bytearray, need: int) -> Request | None:
+        fd_bytes = 1 if self.extended else V1_FDS
         pos = 1 + fd_bytes
         if len(buf) < pos:
+            self._wait = pos
             return None
         if len(self.fds) < need:
             raise ProtocolError(f"only {len(self.fds)} fds received, expected {need}")
         if buf[1:pos] != b"\0" * fd_bytes:
             raise ProtocolError("fd-carrying bytes are not zero")
         if len(buf) < pos + 4:
+            self._wait = pos + 4
             return None
         (mlen,) = U32BE.unpack_from(buf, pos)
         if mlen > MAX_MESSAGE:
             raise ProtocolError(f"message length {mlen} exceeds the limit {MAX_MESSAGE}")
         pos += 4
         if len(buf) < pos + mlen:
+            self._wait = pos + mlen
             return None
-        env, argv = decode_message(buf[pos : pos + mlen])
+        if self._message is None:  # decoded once, and rejected as soon as it is all here
+            self._message = decode_message(bytes(buf[pos : pos + mlen]))
+        env, argv = self._message
         pos += mlen
         umask: int | None = None
         flags = cpid = 0
         if self.extended:
             if len(buf) < pos + 4:
+                self._wait = pos + 4
                 return None
             (xlen,) = U32BE.unpack_from(buf, pos)
             if xlen > MAX_XDATA:
                 raise ProtocolError(f"extension block length {xlen} exceeds {MAX_XDATA}")
             pos += 4
             if len(buf) < pos + xlen:
+                self._wait = pos + xlen
                 return None
-            umask, flags, cpid = decode_ext(buf[pos : pos + xlen])
+            umask, flags, cpid = decode_ext(bytes(buf[pos : pos + xlen]))
             pos += xlen
         self.done = True
-        self.rest = buf[pos:]
-        self.buf = b""
+        self.rest = bytes(buf[pos:])
+        self.buf = bytearray()
         return Request(bool(self.extended), self.fds, env, argv, umask, flags, cpid)
 
 

@@ -190,14 +190,18 @@ def start(cmd: Sequence[str]) -> None:
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     try:
         try:
-            pid = os.posix_spawnp(cmd[0], list(cmd), os.environ, file_actions=[
+            # The watcher lives on for every server of the run directory: it must hold none
+            # of one caller's files, nor an environment entry spawn cannot pass (``=x``).
+            fdio.cloexec_strays()
+            pid = os.posix_spawnp(cmd[0], list(cmd),
+                                  {k: v for k, v in os.environb.items() if k}, file_actions=[
                 (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                 (os.POSIX_SPAWN_DUP2, err_w, 1),
                 (os.POSIX_SPAWN_DUP2, err_w, 2),
-                *_close_strays(),
             ], setsigdef=_all_signals())
-        except OSError as e:
-            raise WatchError(f"execute {cmd[0]}: {e.strerror}") from None
+        except (OSError, ValueError) as e:
+            why = e.strerror if isinstance(e, OSError) else str(e)
+            raise WatchError(f"execute {cmd[0]}: {why}") from None
         os.close(err_w)
         err_w = -1
         deadline = time.monotonic() + TIMEOUT
@@ -227,21 +231,6 @@ def _all_signals() -> tuple[int, ...]:
     import _signal
 
     return tuple(_signal.valid_signals() - {_signal.SIGKILL, _signal.SIGSTOP})
-
-
-def _close_strays() -> list[tuple[int, int]]:
-    """spawn actions closing every inheritable fd >= 3: the watcher lives on for every
-    server of the run directory and must hold none of one caller's files."""
-    actions = []
-    for entry in os.listdir("/proc/self/fd"):
-        fd = int(entry)
-        if fd > 2:
-            try:
-                if os.get_inheritable(fd):
-                    actions.append((os.POSIX_SPAWN_CLOSE, fd))
-            except OSError:
-                pass
-    return actions
 
 
 def sync_fds(run_dir: str) -> tuple[int, int]:

@@ -252,6 +252,9 @@ def _serve(config: ServerConfig) -> bool:
     _daemonise()
     try:
         _detach(config.script)
+        # listen() again: clients' SO_PEERCRED then name this process (not the client that
+        # started it), so that they can check the executors it names (P records).
+        ends.listen_sock.listen(128)
         learner = learn.Learner(learn.state_path(ends.log_path), log, learn=config.learn)
         learner.start(reload)
         if config.learn:
