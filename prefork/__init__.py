@@ -23,7 +23,7 @@ def _protect_contract_fds() -> None:
     if len(words) < 2 or not words[0].startswith(b"v1,"):
         return
     for word in words[1].split(b",")[:4]:
-        if word.isdigit() and int(word) > 2:
+        if word.isdigit() and 2 < int(word) < 1 << 31:
             try:
                 posix.set_inheritable(int(word), False)
             except OSError:
