@@ -63,6 +63,9 @@ REGISTER = _struct.Struct(">4sQQH")
 RECORD = _struct.Struct(">cI")
 BIRTH = _struct.Struct(">Q")
 REC_FILES = b"F"
+#: Like ``F``, for files whose every ancestor directory is watched too (the script, the
+#: interpreter, extra paths: a ``current`` symlink swapped anywhere above them).
+REC_DEEP = b"D"
 REC_SYNC = b"S"
 STALE_PREFIX = b"stale "
 SYNCED = b"synced\n"
@@ -90,21 +93,22 @@ def encode_register(dev: int, ino: int, name: str) -> bytes:
     return REGISTER.pack(MAGIC_REGISTER, dev, ino, len(raw)) + raw
 
 
-def encode_files(birth_ns: int, files: Iterable[str]) -> bytes:
-    """One WATCHI record naming the program's files (absolute paths)."""
+def encode_files(birth_ns: int, files: Iterable[str], deep: bool = False) -> bytes:
+    """One WATCHI record naming the program's files (absolute paths); ``deep``: watch every
+    directory above them too (``D``), else the one holding each (``F``)."""
     payload = BIRTH.pack(birth_ns) + b"".join(os.fsencode(f) + b"\0" for f in files)
     if len(payload) > MAX_RECORD:
         raise ValueError(f"file list of {len(payload)} bytes is over {MAX_RECORD}")
-    return RECORD.pack(REC_FILES, len(payload)) + payload
+    return RECORD.pack(REC_DEEP if deep else REC_FILES, len(payload)) + payload
 
 
 SYNC_RECORD = RECORD.pack(REC_SYNC, 0)
 
 
-def decode_records(buf: bytes) -> tuple[list[tuple[int, list[str]] | None], bytes]:
-    """Complete WATCHI records in ``buf`` -- (birth_ns, files) for ``F``, None for ``S`` --
-    and the rest.  ``ValueError`` for a record that is not ours."""
-    out: list[tuple[int, list[str]] | None] = []
+def decode_records(buf: bytes) -> tuple[list[tuple[int, list[str], bool] | None], bytes]:
+    """Complete WATCHI records in ``buf`` -- (birth_ns, files, deep) for ``F`` and ``D``,
+    None for ``S`` -- and the rest.  ``ValueError`` for a record that is not ours."""
+    out: list[tuple[int, list[str], bool] | None] = []
     pos = 0
     while len(buf) - pos >= RECORD.size:
         tag, size = RECORD.unpack_from(buf, pos)
@@ -112,14 +116,14 @@ def decode_records(buf: bytes) -> tuple[list[tuple[int, list[str]] | None], byte
             out.append(None)
             pos += RECORD.size
             continue
-        if tag != REC_FILES or not BIRTH.size <= size <= MAX_RECORD:
+        if tag not in (REC_FILES, REC_DEEP) or not BIRTH.size <= size <= MAX_RECORD:
             raise ValueError(f"bad record {tag!r} of {size} bytes on WATCHI")
         if len(buf) - pos - RECORD.size < size:
             break
         body = buf[pos + RECORD.size:pos + RECORD.size + size]
         (birth,) = BIRTH.unpack_from(body)
         names = body[BIRTH.size:].split(b"\0")[:-1]
-        out.append((birth, [os.fsdecode(n) for n in names if n]))
+        out.append((birth, [os.fsdecode(n) for n in names if n], tag == REC_DEEP))
         pos += RECORD.size + size
     return out, buf[pos:]
 

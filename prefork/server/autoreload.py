@@ -80,7 +80,7 @@ def module_files() -> list[str]:
     return files
 
 
-def _imported_module_files() -> set[str]:
+def imported_module_files() -> set[str]:
     """Absolute paths of the files of imported modules, but the script's (``__main__``)."""
     found = set()
     for name, mod in list(sys.modules.items()):
@@ -166,7 +166,7 @@ class Autoreload:
         if add is None:
             self.polled.update(files)
             return
-        shallow = _imported_module_files()
+        shallow = imported_module_files()
         dirs: dict[str, dict[bytes, list[str]]] = {}
         for f in files:
             child = f

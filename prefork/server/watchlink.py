@@ -55,7 +55,7 @@ class WatchLink:
         self.dev, self.ino = st.st_dev, st.st_ino
         self.birth_ns = birth_ns
         self.files = list(dict.fromkeys(os.path.abspath(f) for f in files))
-        self.record = watchwire.encode_files(birth_ns, self.files)
+        self.record = self._records(self.files)
         self.watch_in_fd = watch_in_fd
         self.watch_err_fd = watch_err_fd
         self.inotify_fd = self.busy_fd = -1
@@ -85,9 +85,21 @@ class WatchLink:
         if not new:
             return
         self.files += new
-        self.record = watchwire.encode_files(self.birth_ns, self.files)
+        self.record = self._records(self.files)
         if self.watch_in_fd >= 0:
-            _write_all(self.watch_in_fd, watchwire.encode_files(self.birth_ns, new))
+            _write_all(self.watch_in_fd, self._records(new))
+
+    def _records(self, files: Sequence[str]) -> bytes:
+        """``files`` as WATCHI records: imported modules' files watched with the directory
+        holding each (``F``), the others (the script, the interpreter, extra paths) with
+        every directory above them too (``D``: a release symlink swapped anywhere above)."""
+        from prefork.server.autoreload import imported_module_files
+
+        modules = imported_module_files()
+        shallow = [f for f in files if f in modules]
+        deep = [f for f in files if f not in modules]
+        return (watchwire.encode_files(self.birth_ns, shallow)
+                + (watchwire.encode_files(self.birth_ns, deep, deep=True) if deep else b""))
 
     def fileno(self) -> int:
         """Never an inotify fd of the server's own (see ``Autoreload.fileno``)."""

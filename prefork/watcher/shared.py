@@ -81,11 +81,30 @@ class UsageError(Exception):
     """Bad command line (exit status 2)."""
 
 
+#: What identifies a file's content at a path, short of reading it:
+#: (dev, ino, size, mtime_ns, ctime_ns).
+Identity = tuple[int, int, int, int, int]
+#: A directory on a watched file's path: its names created, deleted or moved in or out, or
+#: the directory itself moved or deleted.
+_DIR_NAMES_MASK = (inotify.IN_MOVED_FROM | inotify.IN_MOVED_TO | inotify.IN_CREATE
+                   | inotify.IN_DELETE | inotify.IN_DELETE_SELF | inotify.IN_MOVE_SELF
+                   | inotify.IN_ONLYDIR | 0x20000000)  # IN_MASK_ADD: a directory watched
+                                                     # for another reason keeps its mask
+
+
+def _identity(path: str) -> Identity | None:
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 class Entry:
     """One server: its socket's name and inode, its two pipe ends, its files."""
 
-    __slots__ = ("birth", "buf", "dev", "files", "ino", "name", "told", "unwatched",
-                 "watch_err", "watch_in")
+    __slots__ = ("birth", "buf", "dev", "dirs", "files", "ino", "known", "name", "told",
+                 "unwatched", "watch_err", "watch_in")
 
     def __init__(self, name: str, dev: int, ino: int, watch_in: int, watch_err: int) -> None:
         self.name = name
@@ -98,6 +117,10 @@ class Entry:
         #: path -> watch descriptor; files that could not be watched are polled.
         self.files: dict[str, int] = {}
         self.unwatched: set[str] = set()
+        #: path -> what was there when the server sent it (None: missing then).
+        self.known: dict[str, Identity | None] = {}
+        #: directory watch descriptors this server's files use.
+        self.dirs: set[int] = set()
         #: "stale" already written: its files no longer matter.
         self.told = False
 
@@ -115,6 +138,9 @@ class Shared:
         self.dir_wd = notify.add(run_dir, inotify.DIR_MASK)
         self.entries: dict[int, Entry] = {}          # by watch_in fd
         self.by_wd: dict[int, dict[int, set[str]]] = {}  # file wd -> entry fd -> paths
+        #: directory wd -> name in it -> entry fd -> paths (the name is the path's file,
+        #: or the directory on its way)
+        self.by_dir: dict[int, dict[bytes, dict[int, set[str]]]] = {}
         self.poll = select.poll()
         self.poll.register(listen.fileno(), select.POLLIN)
         self.poll.register(notify.fd, select.POLLIN)
@@ -224,7 +250,9 @@ class Shared:
     def _listing(self) -> str:
         lines = [f"{e.name} {e.dev} {e.ino} {len(e.files) + len(e.unwatched)}\n"
                  for e in self.entries.values()]
-        lines.append(f"inotify {1 + len(self.by_wd)}\n")
+        # the run directory, program files, directories on their paths (each wd once)
+        wds = {self.dir_wd, *self.by_wd, *self.by_dir}
+        lines.append(f"inotify {len(wds)}\n")
         return "".join(lines)
 
     # ------------------------------------------------------------ the servers' pipes
@@ -259,18 +287,21 @@ class Shared:
             else:
                 self._add_files(entry, *record)
 
-    def _add_files(self, entry: Entry, birth: int, files: list[str]) -> None:
+    def _add_files(self, entry: Entry, birth: int, files: list[str], deep: bool = False
+                   ) -> None:
         if entry.told:
             return
         entry.birth = birth
         for path in files:
-            if path in entry.files or path in entry.unwatched:
+            if path in entry.known:
                 continue
+            entry.known[path] = _identity(path)
             self._watch_file(entry, path)
+            self._watch_dirs(entry, path, deep)
         self.say(f"{entry.name}: watching {len(entry.files)} file(s)"
                  + (f", polling {len(entry.unwatched)}" if entry.unwatched else ""))
         # Changed between the server's birth and the watch: looked at once, now.
-        self._check_files(entry, list(entry.files) + list(entry.unwatched))
+        self._check_files(entry, files)
 
     def _watch_file(self, entry: Entry, path: str) -> None:
         try:
@@ -282,7 +313,39 @@ class Shared:
         entry.files[path] = wd
         self.by_wd.setdefault(wd, {}).setdefault(entry.watch_in, set()).add(path)
 
+    def _watch_dirs(self, entry: Entry, path: str, deep: bool) -> None:
+        """Watch the directory holding ``path`` (and, ``deep``, every one above it) for its
+        name being created, deleted or moved: a file replaced by a rename keeps no watch of
+        ours on its new inode, and a symlink swapped above it changes no inode we watch."""
+        child, parent = path, os.path.dirname(path)
+        while True:
+            try:
+                wd = self.inotify.add(parent, _DIR_NAMES_MASK)
+            except OSError:  # missing, or the watch limit: the file is polled instead
+                entry.unwatched.add(path)
+            else:
+                entry.dirs.add(wd)
+                names = self.by_dir.setdefault(wd, {})
+                names.setdefault(os.fsencode(os.path.basename(child)), {}).setdefault(
+                    entry.watch_in, set()).add(path)
+            if not deep or parent in (child, "/"):
+                return
+            child, parent = parent, os.path.dirname(parent)
+
     def _unwatch_files(self, entry: Entry) -> None:
+        for wd in entry.dirs:
+            names = self.by_dir.get(wd)
+            if names is None:
+                continue
+            for dir_users in list(names.values()):
+                dir_users.pop(entry.watch_in, None)
+            for name in [n for n, dir_users in names.items() if not dir_users]:
+                del names[name]
+            if not names:
+                del self.by_dir[wd]
+                if wd != self.dir_wd and wd not in self.by_wd:
+                    self.inotify.remove(wd)
+        entry.dirs.clear()
         for path, wd in entry.files.items():
             users = self.by_wd.get(wd)
             if users is None:
@@ -299,13 +362,18 @@ class Shared:
         entry.unwatched.clear()
 
     def _check_files(self, entry: Entry, files: list[str] | set[str]) -> None:
-        """Tell the server if one of ``files`` is newer than its birth."""
+        """Tell the server if one of ``files`` changed since its birth: modified or its
+        inode changed after it (mtime or ctime: a deploy that keeps the old mtime, ``cp -p``,
+        ``rsync -a``, ``tar x``, still sets the ctime), or no longer the file first seen at
+        that path (renamed over, a symlink swapped), or there now when it was missing."""
         for path in list(files):
-            try:
-                mtime = os.stat(path).st_mtime_ns
-            except OSError:
+            now = _identity(path)
+            if now is None:
+                if entry.known.get(path) is not None:
+                    entry.unwatched.add(path)  # gone for now (a deploy half done): polled
                 continue  # gone: not a reason to reload (as the server's own check)
-            if mtime > entry.birth:
+            if (now != entry.known.get(path, now) or now[3] > entry.birth
+                    or now[4] > entry.birth):
                 self._tell_stale(entry, path)
                 return
 
@@ -358,13 +426,16 @@ class Shared:
         for wd, mask, name in self.inotify.read():
             if mask & inotify.IN_Q_OVERFLOW:
                 everything = True
-            elif wd == self.dir_wd:
-                if name:
-                    names.add(os.fsdecode(name))
-                else:  # the directory itself moved or went
-                    everything = True
-            elif wd in self.by_wd:
-                touched[wd] = touched.get(wd, 0) | mask
+            else:
+                if wd == self.dir_wd:
+                    if name:
+                        names.add(os.fsdecode(name))
+                    else:  # the directory itself moved or went
+                        everything = True
+                if wd in self.by_dir:  # a directory on a program file's path
+                    self._dir_event(wd, mask, name)
+                if wd in self.by_wd:
+                    touched[wd] = touched.get(wd, 0) | mask
         if names and self.show is not None:
             self.say("directory event: " + " ".join(sorted(names)))
         for entry in list(self.entries.values()):
@@ -375,7 +446,26 @@ class Shared:
         if everything:
             for entry in list(self.entries.values()):
                 if not entry.told:
-                    self._check_files(entry, list(entry.files))
+                    self._check_files(entry, list(entry.known))
+
+    def _dir_event(self, wd: int, mask: int, name: bytes) -> None:
+        """A watched directory: the named entry changed (or, the directory itself moved
+        or went, every one): check the paths through it."""
+        names = self.by_dir.get(wd)
+        if names is None:
+            return
+        if mask & (inotify.IN_IGNORED | inotify.IN_DELETE_SELF | inotify.IN_MOVE_SELF):
+            groups = list(names.values())
+            if mask & inotify.IN_IGNORED:
+                del self.by_dir[wd]
+        else:
+            users = names.get(name)
+            groups = [users] if users else []
+        for users in groups:
+            for fd, paths in list(users.items()):
+                entry = self.entries.get(fd)
+                if entry is not None and not entry.told:
+                    self._check_files(entry, paths)
 
     def _file_event(self, wd: int, mask: int) -> None:
         users = self.by_wd.get(wd)
