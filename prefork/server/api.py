@@ -200,6 +200,7 @@ def _serve(config: ServerConfig) -> bool:
     import locale  # noqa: F401 - for executors (see below)
 
     from prefork.server import autoreload as ar
+    from prefork.server import context
     from prefork.server.log import ServerLog
     from prefork.server.loop import Server
 
@@ -220,6 +221,7 @@ def _serve(config: ServerConfig) -> bool:
     sys.stdout.flush()
     sys.stderr.flush()
     _warn_threads(log)
+    context.remember_start_environ()
     _daemonise()
     try:
         _detach(config.script)

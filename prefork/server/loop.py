@@ -41,6 +41,7 @@ from prefork.common import fdio, protocol
 from prefork.common.consts import DELIVERABLE_SIGNALS
 from prefork.server import executor
 from prefork.server.autoreload import Autoreload
+from prefork.server.context import ServerContext
 from prefork.server.spare import become_spare
 
 TYPE_CHECKING = False
@@ -139,6 +140,8 @@ class Server:
         self.spare_pids: set[int] = set()
         self.call_ended = False
         self.reap_due = False
+        #: This server's own context (what its forks can and cannot run calls in).
+        self.context = ServerContext()
 
     # ------------------------------------------------------------ set-up
 
@@ -472,8 +475,6 @@ class Server:
         # it already: most calls bring the same environment as the one before, and then
         # neither the server nor the spare has anything to do.  (In an executor even
         # comparing it would write to -- copy -- every page its entries live on.)
-        if self.environ is None or self.environ[0] != req.env:
-            self.environ = (req.env, executor.replace_environ(req.env))
         client_pid = 0
         if req.extended and call.sock is not None:
             try:
@@ -481,6 +482,11 @@ class Server:
                     socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))[0]
             except OSError:
                 pass
+            if req.flags & protocol.FLAG_FOLLOWS_REDIRECT and self._redirect(call, req,
+                                                                             client_pid):
+                return
+        if self.environ is None or self.environ[0] != req.env:
+            self.environ = (req.env, executor.replace_environ(req.env))
         pid = None
         for _attempt in range(2):  # a spare that died meanwhile is replaced, once
             if self.spare is None:
@@ -503,6 +509,20 @@ class Server:
             self._send(call, protocol.encode_record(protocol.REC_PID, pid))
             if rest:
                 self._records(call, rest)
+
+    def _redirect(self, call: Call, req: protocol.Request, client_pid: int) -> bool:
+        """Send the caller to the server of its own context if a fork of this one cannot
+        run the call as a direct run would (``prefork.server.context``)."""
+        why = self.context.mismatch(req, client_pid)
+        if why is None:
+            return False
+        code = self.context.code(req, client_pid)
+        self.log.info(f"call from another context ({why}): sent to context {code:08x}")
+        self._send(call, protocol.encode_record(protocol.REC_REDIRECT, code))
+        for fd in req.fds:
+            os.close(fd)
+        self._forget_sock(call)
+        return True
 
     def _hand_over(self, req: protocol.Request, client_pid: int) -> int | None:
         """Send the call to the spare, which becomes its executor: its pid, or None if the
