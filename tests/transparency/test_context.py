@@ -95,14 +95,15 @@ print(json.dumps(facts))
 
 @pytest.mark.parametrize("io", IOS)
 @pytest.mark.parametrize("python", PYTHONS)
-@pytest.mark.parametrize("lc_all", ["C", "POSIX"])
+@pytest.mark.parametrize("setting", ["LC_ALL=C", "LC_ALL=POSIX", "LANG=C"])
 def test_c_locale_gets_utf8_mode(make_probe: ProbeFactory, probe_env: dict[str, str],
-                                 tmp_path: Path, lc_all: str, python: str, io: str) -> None:
+                                 tmp_path: Path, setting: str, python: str, io: str) -> None:
     """Server started under C.UTF-8; ``LC_ALL=C script``: UTF-8 mode, as directly (open()
-    of UTF-8 text, writing it, subprocess text=True all work)."""
+    of UTF-8 text, writing it, subprocess text=True all work); ``LANG=C``: coerced."""
     probe = make_probe(LOCALE, python=INTERPRETERS[python])
     probe.env = {**probe_env, "PROBE_DIR": str(tmp_path)}
-    seen = _same(probe, io, env={**probe.env, "LC_ALL": lc_all})
+    name, _, value = setting.partition("=")
+    seen = _same(probe, io, env={**probe.env, name: value})
     assert seen["utf8_mode"] == 1 and seen["read"] == "h\u00e9llo \u2603\n"  # type: ignore[index]
 
 
