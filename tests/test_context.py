@@ -15,7 +15,13 @@ from harness import C_CLIENT, CLIENT, PYTHON, ProcRegistry, scaled, write_script
 from realbase import RealBase
 
 from prefork.common import fdio, protocol
-from prefork.common.ident import RUNDIR_ENV, compute_ident, context_ident, ident_max_len, socket_path
+from prefork.common.ident import (
+    RUNDIR_ENV,
+    compute_ident,
+    context_ident,
+    ident_max_len,
+    socket_path,
+)
 from prefork.server import context
 
 pytestmark = pytest.mark.timeout(120)
