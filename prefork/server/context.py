@@ -246,7 +246,8 @@ class ServerContext:
         """What of the caller's context (``pid``: the client) a fork of this server cannot
         reproduce, in words; None when it can run the call."""
         if pid <= 0:
-            return None
+            # SO_PEERCRED gives 0 for a caller outside this server's pid namespace.
+            return "caller not visible (another pid namespace)"
         why = []
         if req.env != self.env_seen:  # most calls bring the environment of the one before
             self.env_seen = req.env
