@@ -165,14 +165,15 @@ print(json.dumps({"prefix": sys.prefix, "executable": sys.executable}))
 
 
 @pytest.mark.parametrize("io", IOS)
+@pytest.mark.parametrize("python", PYTHONS)
 def test_venv_switch_runs_the_new_interpreter(make_probe: ProbeFactory,
                                               probe_env: dict[str, str], tmp_path: Path,
-                                              io: str) -> None:
-    """``#!CLIENT -U,python3``: after a venv is put first on PATH, a warm call runs the
-    venv's python3, as a direct run does."""
+                                              python: str, io: str) -> None:
+    """``#!CLIENT -U,python3``: after a venv (made by ``python``) is put first on PATH, a
+    warm call runs the venv's python3, as a direct run does."""
     venv = tmp_path / "venv"
-    subprocess.run([str(PYTHON), "-m", "venv", "--without-pip", str(venv)], check=True,
-                   timeout=120)
+    subprocess.run([INTERPRETERS[python], "-m", "venv", "--without-pip", str(venv)],
+                   check=True, timeout=120)
     probe = make_probe(VENV, python="python3")
     old_path = f"{Path(PYTHON).parent}:{probe_env.get('PATH', '/usr/bin:/bin')}"
     probe.env = {**probe_env, "PATH": old_path}
@@ -255,6 +256,28 @@ def test_sandbox_is_kept(make_probe: ProbeFactory, sandbox: str, python: str,
     assert inside != outside
 
 
+@pytest.mark.parametrize("io", IOS)
+@pytest.mark.parametrize("python", PYTHONS)
+@pytest.mark.parametrize("sandbox", sorted(SANDBOXES))
+def test_sandboxed_server_does_not_sandbox_later_calls(make_probe: ProbeFactory,
+                                                       sandbox: str, python: str,
+                                                       io: str) -> None:
+    """The converse: a server started inside a sandbox (no network, NoNewPrivs, no
+    capabilities, other groups) does not pass it on to a later call from outside."""
+    wrap = SANDBOXES[sandbox]
+    if not _can(*wrap):
+        pytest.skip(f"{' '.join(wrap)} is not permitted here")
+    probe = make_probe(SANDBOX, python=INTERPRETERS[python])
+    rc, out, err = probe.procs.run([*wrap, *probe.command("warm")],
+                                   env={**probe.env, "PROBE_WARMUP": "1"})
+    assert rc == 0, (out, err)
+    probe.warm.add(os.path.realpath(os.getcwd()))
+    direct = probe.run("direct", io=io)
+    _same(probe, io)
+    assert _json(direct)["interfaces"] != ["lo"] or sandbox not in (  # type: ignore[index]
+        "unshare-n", "unshare-rn")
+
+
 RESTRICTED = r'''
 import json, resource
 print(json.dumps({"nofile": resource.getrlimit(resource.RLIMIT_NOFILE),
@@ -293,16 +316,17 @@ def _pids_cgroup_problem() -> str | None:
 @pytest.mark.skipif(_pids_cgroup_problem() is not None,
                     reason=str(_pids_cgroup_problem()))
 @pytest.mark.parametrize("io", IOS)
-def test_pids_cgroup_is_kept(make_probe: ProbeFactory, io: str) -> None:
+@pytest.mark.parametrize("python", PYTHONS)
+def test_pids_cgroup_is_kept(make_probe: ProbeFactory, python: str, io: str) -> None:
     """A call made in a pids cgroup of 8 runs in it (its children count against it)."""
-    group = PIDS_CGROUP / f"prefork-test-{os.getpid()}-{io}"
+    group = PIDS_CGROUP / f"prefork-test-{os.getpid()}-{python}-{io}"
     try:
         group.mkdir()
     except OSError as e:
         pytest.skip(f"cannot create a pids cgroup: {e}")
     try:
         (group / "pids.max").write_text("8\n")
-        probe = make_probe(SANDBOX)
+        probe = make_probe(SANDBOX, python=INTERPRETERS[python])
         outside = _same(probe, io)
         wrap = ("sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh")
         inside = _same(probe, io, wrap=wrap)
