@@ -212,6 +212,7 @@ class ServerContext:
         self.startup = startup_key(env, self.ignore_python)
         self.path = _env_get(env, b"PATH")
         self.interps: dict[bytes, bytes] = {}
+        self.redirected: set[int] = set()
         status = _read("/proc/self/status") or b""
         self.status, self.nnp = _status_facts(status)
         self.status_raw = _status_slices(status)
@@ -283,6 +284,13 @@ class ServerContext:
             pass
         return ", ".join(why) if why else None
 
+
+    def first_redirect(self, code: int) -> bool:
+        """Whether calls from context ``code`` are sent away for the first time (logged)."""
+        if code in self.redirected:
+            return False
+        self.redirected.add(code)
+        return True
 
     def code(self, req: Request, pid: int) -> int:
         """A 32-bit digest of the caller's context (only of what the executor cannot set):

@@ -517,7 +517,8 @@ class Server:
         if why is None:
             return False
         code = self.context.code(req, client_pid)
-        self.log.info(f"call from another context ({why}): sent to context {code:08x}")
+        if self.context.first_redirect(code):
+            self.log.info(f"call from another context ({why}): sent to context {code:08x}")
         self._send(call, protocol.encode_record(protocol.REC_REDIRECT, code))
         for fd in req.fds:
             os.close(fd)
