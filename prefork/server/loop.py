@@ -471,10 +471,14 @@ class Server:
     def _start(self, call: Call, req: protocol.Request, rest: bytes) -> None:
         """Hand a complete request to the spare (forked now if there is none; the next one
         is forked later, see ``_step``)."""
+        if req.flags & protocol.FLAG_FOLLOWS_REDIRECT and self._redirect(call, req):
+            return
         # The caller's environment is set in the server too, so that the next spares have
         # it already: most calls bring the same environment as the one before, and then
         # neither the server nor the spare has anything to do.  (In an executor even
         # comparing it would write to -- copy -- every page its entries live on.)
+        if self.environ is None or self.environ[0] != req.env:
+            self.environ = (req.env, executor.replace_environ(req.env))
         client_pid = 0
         if req.extended and call.sock is not None:
             try:
@@ -482,11 +486,6 @@ class Server:
                     socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))[0]
             except OSError:
                 pass
-            if req.flags & protocol.FLAG_FOLLOWS_REDIRECT and self._redirect(call, req,
-                                                                             client_pid):
-                return
-        if self.environ is None or self.environ[0] != req.env:
-            self.environ = (req.env, executor.replace_environ(req.env))
         pid = None
         for _attempt in range(2):  # a spare that died meanwhile is replaced, once
             if self.spare is None:
@@ -510,9 +509,16 @@ class Server:
             if rest:
                 self._records(call, rest)
 
-    def _redirect(self, call: Call, req: protocol.Request, client_pid: int) -> bool:
+    def _redirect(self, call: Call, req: protocol.Request) -> bool:
         """Send the caller to the server of its own context if a fork of this one cannot
         run the call as a direct run would (``prefork.server.context``)."""
+        if not req.extended or call.sock is None:
+            return False
+        try:
+            client_pid = _PEERCRED.unpack(call.sock.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))[0]
+        except OSError:
+            return False
         why = self.context.mismatch(req, client_pid)
         if why is None:
             return False
