@@ -32,6 +32,7 @@ from prefork.client.wire import (
     ClientError,
     Connection,
     NoGreeting,
+    Redirected,
     ScriptEnded,
     peer_creds,
     read_status_v1,
@@ -43,6 +44,7 @@ from prefork.common.consts import EXIT_FAILED, FORWARDED_SIGNALS, socket_name
 from prefork.common.ident import (
     RunDirError,
     compute_ident,
+    context_ident,
     fast_run_base,
     fsencode,
     open_run_dir,
@@ -325,6 +327,8 @@ def x1_call_loop(sock: _socket.socket, wake_r: int) -> int:
                     return value
                 if tag == protocol.REC_PID:
                     executor = value if _our_executor(sock, value) else 0
+                elif tag == protocol.REC_REDIRECT and not executor:
+                    raise Redirected(value)
                 elif tag == protocol.REC_STOPPED:
                     stop_sig = value
                 elif tag == protocol.REC_CONTINUED:
@@ -454,12 +458,33 @@ def run(argv: list[str]) -> int:
         sock, offer = connect_or_spawn(opts, base)
     except ScriptEnded as e:
         return e.status
-    if protocol.X1_TOKEN in offer:
-        wake_r = forward_signals(ignored)
-        send_request(sock, _request_argv(opts), True, closed)
+    if protocol.X1_TOKEN not in offer:
+        send_request(sock, _request_argv(opts), False, closed)
+        return read_status_v1(sock)
+    wake_r = forward_signals(ignored)
+    send_request(sock, _request_argv(opts), True, closed | protocol.FLAG_FOLLOWS_REDIRECT)
+    try:
         return x1_call_loop(sock, wake_r)
-    send_request(sock, _request_argv(opts), False, closed)
-    return read_status_v1(sock)
+    except Redirected as r:
+        sock.close()
+        # The server of the caller's context (see prefork.server.context), started here
+        # if there is none; if it cannot run the call either, the interpreter runs directly.
+        opts.ident = context_ident(base, server_ident(opts, base), r.code)
+    try:
+        sock, offer = connect_or_spawn(opts, base)
+    except ScriptEnded as e:
+        return e.status
+    if protocol.X1_TOKEN not in offer:
+        send_request(sock, _request_argv(opts), False, closed)
+        return read_status_v1(sock)
+    send_request(sock, _request_argv(opts), True, closed | protocol.FLAG_FOLLOWS_REDIRECT)
+    try:
+        return x1_call_loop(sock, wake_r)
+    except Redirected:
+        sock.close()
+    from prefork.client import direct
+
+    direct.run_directly(_setup_argv(opts), closed)
 
 
 def _os_error(e: OSError) -> str:

@@ -57,6 +57,16 @@ class ScriptEnded(Exception):
         self.status = status
 
 
+class Redirected(Exception):
+    """The server cannot run the call in the caller's context (x1 ``R`` record): it is to go
+    to the server of that context (``code``: its digest)."""
+
+    def __init__(self, code: int) -> None:
+        """Keep the context's digest."""
+        super().__init__(f"sent to the server of context {code:08x}")
+        self.code = code
+
+
 def read_greeting(sock: _socket.socket) -> frozenset[bytes] | None:
     """Read the greeting; the offered extension tokens, or None if the server went away."""
     try:

@@ -353,6 +353,13 @@ def compute_ident(
     return _sha256(data).hexdigest()[:length]
 
 
+def context_ident(base: str, ident: str, code: int) -> str:
+    """The ident of the server for ``ident``'s script in another context (``code`` from an
+    x1 ``R`` record): a hash of both, as long as a computed ident."""
+    data = b"prefork-context\0" + fsencode(ident) + b"\0" + _u64(code & 0xFFFFFFFF)
+    return _sha256(data).hexdigest()[:ident_max_len(base)]
+
+
 def socket_path(base: str, ident: str) -> str:
     """The server's listening socket, ``BASE/s<IDENT>``."""
     return f"{base}/{consts.socket_name(ident)}"

@@ -41,7 +41,8 @@ non-zero byte, so the byte is never sent to one).  The request is then::
     xlen:u32be  ext:xlen bytes        ext = umask:u32be flags:u32be client_pid:u32be [+ future]
 
 ``flags``: bits 0..2 set = the caller's fd 0/1/2 was closed (the fd sent is /dev/null and the
-executor closes it again); unknown bits are ignored.
+executor closes it again); bit 3 = the client follows ``R`` records (below); unknown bits are
+ignored.
 
 After the request both directions carry 5-byte *records* ``tag:u8 value:u32be``:
 
@@ -50,6 +51,12 @@ After the request both directions carry 5-byte *records* ``tag:u8 value:u32be``:
 - server -> client ``T sig``: the executor was stopped by ``sig``; the client stops itself.
 - server -> client ``C 0``: the executor was continued.
 - server -> client ``W status``: the final wait status; the server closes the connection.
+- server -> client ``R code`` (only to a client that set flag bit 3, instead of running the
+  call): a fork of this server cannot run the call as a direct run in the caller's context
+  would (``prefork.server.context``); ``code`` is a 32-bit digest of that context.  The
+  server closes the connection; the client sends the call again to the server of the ident
+  ``ident.context_ident(base, IDENT, code)``, starting it if there is none.  A client told
+  ``R`` by that server too runs the interpreter directly.
 
 Unknown tags are ignored by both sides (room for further records).
 
@@ -87,12 +94,14 @@ X1_FDS = 4
 FLAG_FD0_CLOSED = 1
 FLAG_FD1_CLOSED = 2
 FLAG_FD2_CLOSED = 4
+FLAG_FOLLOWS_REDIRECT = 8
 
 REC_SIGNAL = b"S"
 REC_PID = b"P"
 REC_STOPPED = b"T"
 REC_CONTINUED = b"C"
 REC_STATUS = b"W"
+REC_REDIRECT = b"R"
 
 #: Upper bound on a request's message, so a client cannot make the server allocate gigabytes.
 MAX_MESSAGE = 32 * 1024 * 1024

@@ -215,7 +215,7 @@ def _freeze_heap(fast_exit: bool) -> bool:
 def _serve(config: ServerConfig) -> bool:
     """Become the server; returns in each executor, saying whether its fast exit is armed."""
     from prefork.server import autoreload as ar
-    from prefork.server import fastexit, learn
+    from prefork.server import context, fastexit, learn
     from prefork.server.log import ServerLog
     from prefork.server.loop import Server
 
@@ -249,6 +249,7 @@ def _serve(config: ServerConfig) -> bool:
     sys.stdout.flush()
     sys.stderr.flush()
     _warn_threads(log)
+    context.remember_start_environ()
     _daemonise()
     try:
         _detach(config.script)

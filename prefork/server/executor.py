@@ -313,6 +313,8 @@ def _python_default(sig: int) -> object:
     return _signal.SIG_DFL
 
 
+_PR_SET_NO_NEW_PRIVS = 38
+
 _RLIMITS = tuple(getattr(resource, n) for n in (
     "RLIMIT_AS", "RLIMIT_CORE", "RLIMIT_CPU", "RLIMIT_DATA", "RLIMIT_FSIZE", "RLIMIT_LOCKS",
     "RLIMIT_MEMLOCK", "RLIMIT_MSGQUEUE", "RLIMIT_NICE", "RLIMIT_NOFILE", "RLIMIT_NPROC",
@@ -320,10 +322,11 @@ _RLIMITS = tuple(getattr(resource, n) for n in (
 ) if hasattr(resource, n))
 
 
-def inherit_from_client(pid: int) -> list[int]:
+def inherit_from_client(pid: int, prctl: Callable[..., int] | None = None) -> list[int]:
     """Take on what a direct run would have inherited from the caller across exec, read off
     the client (which inherited it from that caller): ignored signals, resource limits, nice
-    value, CPU affinity.  Returns the caller's blocked signals, for the final mask.
+    value, CPU affinity, NoNewPrivs (with ``prctl``).  Returns the caller's blocked signals,
+    for the final mask.
 
     Best effort: what cannot be read or set (a limit above the server's hard limit, a higher
     priority without privilege) stays the server's.  A signal the script gave a handler of
@@ -344,6 +347,8 @@ def inherit_from_client(pid: int) -> list[int]:
         key, _, value = line.partition(b":")
         if key in (b"SigIgn", b"SigBlk"):
             masks[key] = int(value.strip(), 16)
+        elif key == b"NoNewPrivs" and value.strip() == b"1" and prctl is not None:
+            prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # one-way, and needs no privilege
     for sig in _signals_in(masks.get(b"SigIgn", 0)):
         if sig in (_signal.SIGKILL, _signal.SIGSTOP):
             continue

@@ -37,6 +37,7 @@ import time
 from prefork.common import fdio, protocol
 from prefork.common.consts import DELIVERABLE_SIGNALS
 from prefork.server.autoreload import Autoreload
+from prefork.server.context import ServerContext
 from prefork.server.poller import EVENT_READ, Poller
 from prefork.server.spare import become_spare
 from prefork.server.stats import CallStats
@@ -204,6 +205,8 @@ class Server:
         #: Out of fds: when the listener is tried again, and when that was last logged.
         self.accept_resume_at: float | None = None
         self.fd_logged_at: float | None = None
+        #: This server's own context (what its forks can and cannot run calls in).
+        self.context = ServerContext()
 
     # ------------------------------------------------------------ set-up
 
@@ -599,6 +602,8 @@ class Server:
                 return
             rest = call.parser.rest
             call.parser = None
+            if req.flags & protocol.FLAG_FOLLOWS_REDIRECT and self._redirect(call, req):
+                return  # another context's: sent to its own server, holding no slot
             if self._full() or self.waiting:
                 call.queued = (req, rest, time.monotonic())
                 self.waiting.append(call)
@@ -728,6 +733,28 @@ class Server:
             self._send(call, protocol.encode_record(protocol.REC_PID, pid))
             if rest:
                 self._records(call, rest)
+
+    def _redirect(self, call: Call, req: protocol.Request) -> bool:
+        """Send the caller to the server of its own context if a fork of this one cannot
+        run the call as a direct run would (``prefork.server.context``)."""
+        if not req.extended or call.sock is None:
+            return False
+        try:
+            client_pid = _PEERCRED.unpack(call.sock.getsockopt(
+                _socket.SOL_SOCKET, _socket.SO_PEERCRED, _PEERCRED.size))[0]
+        except OSError:
+            return False
+        why = self.context.mismatch(req, client_pid)
+        if why is None:
+            return False
+        code = self.context.code(req, client_pid)
+        if self.context.first_redirect(code):
+            self.log.info(f"call from another context ({why}): sent to context {code:08x}")
+        self._send(call, protocol.encode_record(protocol.REC_REDIRECT, code))
+        for fd in req.fds:
+            os.close(fd)
+        self._forget_sock(call)
+        return True
 
     def _hand_over(self, req: protocol.Request, client_pid: int) -> int | None:
         """Send the call to the spare, which becomes its executor: its pid, or None if the

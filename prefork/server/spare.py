@@ -16,7 +16,7 @@ import sys
 
 from prefork.common import fdio, protocol
 from prefork.common.consts import EXIT_FAILED
-from prefork.server import executor
+from prefork.server import context, executor
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -70,7 +70,7 @@ def become_spare(handover_sock: socket.socket, *, server_pid: int,
         if handed is None:
             status = 0  # let go by the server
             return
-        _take_call(*handed, plan, environ_skipped)
+        _take_call(*handed, plan, environ_skipped, prctl)
         status = None  # the executor: back into the script
     except BaseException as e:  # noqa: BLE001 - the child must never run on as a server
         os.write(2, f"prefork: failed to set up the executor: {e!r}\n".encode())
@@ -94,15 +94,16 @@ def _receive_call(handover_sock: socket.socket) -> tuple[protocol.Request, bool]
 
 
 def _take_call(req: protocol.Request, with_env: bool, plan: executor.StdioPlan | None,
-               environ_skipped: list[bytes]) -> None:
+               environ_skipped: list[bytes], prctl: Callable[..., int] | None = None) -> None:
     """Become the executor of ``req``: the caller's fds, cwd, umask, argv, environment (if
     it differs from the one this spare has), stdio and, last, its signal mask."""
-    blocked = executor.inherit_from_client(req.client_pid) if req.extended else []
+    blocked = executor.inherit_from_client(req.client_pid, prctl) if req.extended else []
     if with_env:
         skipped = executor.replace_environ(req.env)
         plan = None  # decided for this environment by rebuild_stdio, errors to the caller
     else:
         skipped = environ_skipped
+    context.sync_timezone()
     executor.install_fds(req)
     if req.umask is not None:
         os.umask(req.umask)

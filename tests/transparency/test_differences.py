@@ -186,33 +186,6 @@ def test_string_hashes_are_the_servers(make_probe: ProbeFactory) -> None:
     assert w1["random"] != w2["random"]
 
 
-FLAGS = r'''
-import json, locale
-print(json.dumps({"utf8_mode": sys.flags.utf8_mode, "fs": sys.getfilesystemencoding(),
-                  "preferred": locale.getpreferredencoding(False),
-                  "dont_write_bytecode": sys.flags.dont_write_bytecode,
-                  "stdout": sys.stdout.encoding}))
-'''
-
-
-def test_interpreter_start_up_settings_are_the_servers(make_probe: ProbeFactory,
-                                                       probe_env: dict[str, str]) -> None:
-    """What the interpreter reads from the environment at start-up (sys.flags: UTF-8 mode
-    from PYTHONUTF8 or a C locale, PYTHONDONTWRITEBYTECODE, PYTHONHASHSEED, PYTHONPATH...)
-    is the server's: a warm call made with other values keeps the server's, though its
-    stdio follow the call's environment."""
-    probe = make_probe(FLAGS)
-    env = {**probe_env, "LANG": "C"}
-    env.pop("PYTHONDONTWRITEBYTECODE")
-    direct = probe.run("direct", env=env).json()
-    warm = probe.run("warm", env=env).json()  # the server started from probe_env
-    assert direct == {"utf8_mode": 1, "fs": "utf-8", "preferred": "utf-8",
-                      "dont_write_bytecode": 0, "stdout": "utf-8"}
-    assert warm == {"utf8_mode": 0, "fs": "utf-8", "preferred": "UTF-8",
-                    "dont_write_bytecode": 1, "stdout": "utf-8"}
-    assert probe.run("cold", env=env).json() == direct
-
-
 @needs_py311
 def test_recursion_error_traceback_one_frame_shorter(make_probe: ProbeFactory) -> None:
     """Fast exit (3.12+): the exception that unwinds the deepest frame at the recursion limit
@@ -341,10 +314,9 @@ def test_only_fds_0_1_2_are_passed(make_probe: ProbeFactory) -> None:
 
 
 def test_other_process_attributes_are_the_servers(make_probe: ProbeFactory) -> None:
-    """Attributes the executor does not take from the client (only ignored and blocked
-    signals, resource limits, nice value and CPU affinity are copied) stay the server's:
-    here the OOM score adjustment; likewise cgroup, namespaces, capabilities, I/O priority,
-    supplementary groups."""
+    """Attributes the executor does not take from the client and that are not part of the
+    context a server is chosen by (test_context.py) stay the server's: here the OOM score
+    adjustment; likewise the I/O priority."""
     probe = make_probe(r'''
         with open("/proc/self/oom_score_adj") as f:
             print(f.read().strip())
