@@ -373,8 +373,31 @@ def _caller_ignored_signals() -> set[int]:
     return ignored
 
 
+def inherited_fds() -> list[int]:
+    """The fds above 2 the caller left open for us, before we open any: the inheritable ones
+    (``/proc/self/fd`` also lists the directory's own fd, close-on-exec and closed by now;
+    anything the interpreter opened at start-up is close-on-exec too).  Passed to the
+    script under x1 at their numbers, as a direct run inherits them.  [] without /proc."""
+    try:
+        names = posix.listdir("/proc/self/fd")
+    except OSError:
+        return []
+    fds = []
+    for name in names:
+        fd = int(name)
+        if fd > 2:
+            try:
+                if posix.get_inheritable(fd):
+                    fds.append(fd)
+            except OSError:
+                pass
+    fds.sort()
+    return fds
+
+
 def run(argv: list[str]) -> int:
     """Everything but the final propagation; returns the script's wait status."""
+    passed = inherited_fds()
     closed = _fix_std_fds()
     ignored = _caller_ignored_signals()
     opts = parse_args(argv)
@@ -389,8 +412,14 @@ def run(argv: list[str]) -> int:
     except ScriptEnded as e:
         return e.status
     if protocol.X1_TOKEN in offer:
+        if protocol.FDS_TOKEN not in offer:
+            passed = []
+        elif len(passed) > protocol.MAX_PASSED_FDS:
+            raise ClientError(f"{len(passed)} open fds to pass on to the script: at most "
+                              f"{protocol.MAX_PASSED_FDS} can be (close some, e.g. with "
+                              "close_fds, or run the script directly)")
         wake_r = forward_signals(ignored)
-        send_request(sock, _request_argv(opts), True, closed)
+        send_request(sock, _request_argv(opts), True, closed, passed)
         return x1_call_loop(sock, wake_r)
     send_request(sock, _request_argv(opts), False, closed)
     return read_status_v1(sock)

@@ -9,6 +9,7 @@ as CPython builds them, signal handlers as the script had them, no fd of the ser
 from __future__ import annotations
 
 import _signal
+import fcntl
 import io
 import os
 import resource
@@ -249,8 +250,10 @@ def rebuild_stdio(closed_flags: int, plan: StdioPlan | None = None) -> None:
     sys.__stdin__, sys.__stdout__, sys.__stderr__ = streams  # type: ignore[misc]
 
 
-def install_fds(req: protocol.Request) -> None:
-    """Put the caller's fds on 0/1/2, enter its cwd (x1), close what was received."""
+def install_fds(req: protocol.Request) -> list[int]:
+    """Put the caller's fds on 0/1/2 and its other passed fds on their numbers (x1), enter
+    its cwd (x1), close what was received; return the passed fds' numbers that could not be
+    installed (held by the script since before initialisation, or over the fd limit)."""
     fds = req.fds
     for target in (0, 1, 2):
         if fds[target] != target:
@@ -259,12 +262,54 @@ def install_fds(req: protocol.Request) -> None:
             os.set_inheritable(target, True)
     if req.extended:
         os.fchdir(fds[3])
-    for fd in set(fds):
+    nfds = len(fds) - len(req.passed)
+    for fd in set(fds[:nfds]):
         if fd > 2:
             os.close(fd)
+    not_passed = install_passed(req.passed, fds[nfds:]) if req.passed else []
     for target in (0, 1, 2):
         if req.flags & (1 << target):
             os.close(target)
+    return not_passed
+
+
+def adopt_listen_pid(client_pid: int) -> None:
+    """Socket activation (``LISTEN_FDS`` from fd 3) is addressed to the pid the caller
+    started, ``LISTEN_PID``: the client's.  The script is that program, in this process:
+    make it its pid, or ``sd_listen_fds()`` ignores the passed sockets."""
+    if client_pid > 0 and os.environb.get(b"LISTEN_PID") == str(client_pid).encode():
+        os.environb[b"LISTEN_PID"] = str(os.getpid()).encode()
+
+
+def install_passed(targets: tuple[int, ...], received: list[int]) -> list[int]:
+    """``dup2`` each received fd onto its caller's number, inheritable (as it was in the
+    caller: the client inherited it), and close the received one.  A received fd sitting on
+    another's target number is first moved above them all.  A number the script already
+    holds keeps the script's fd: returned, with those over the fd limit."""
+    wanted = set(targets)
+    top = max(targets) + 1
+    moved = list(received)
+    for i, fd in enumerate(received):
+        if fd in wanted and fd != targets[i]:
+            moved[i] = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, top)
+            os.close(fd)
+    not_passed = []
+    for fd, target in zip(moved, targets, strict=True):
+        if fd == target:
+            os.set_inheritable(fd, True)
+            continue
+        try:
+            try:
+                os.get_inheritable(target)
+            except OSError:
+                os.dup2(fd, target, inheritable=True)
+            else:
+                not_passed.append(target)  # the script's own
+        except OSError:
+            not_passed.append(target)  # e.g. over RLIMIT_NOFILE
+        finally:
+            os.close(fd)
+    return not_passed
 
 
 def close_fds_except(keep: Iterable[int]) -> None:

@@ -88,6 +88,8 @@ def _receive_call(handover_sock: socket.socket) -> tuple[protocol.Request, bool]
     if len(head) < size:
         head += fdio.read_exactly(handover_sock, size - len(head))
     body = fdio.read_exactly(handover_sock, protocol.decode_handover_head(head))
+    fds += fdio.recv_fd_chunks(handover_sock, protocol.handover_passed_count(head),
+                               protocol.SCM_MAX_FD)
     handover_sock.close()
     return protocol.decode_handover(head, body, fds)
 
@@ -102,7 +104,9 @@ def _take_call(req: protocol.Request, with_env: bool, plan: executor.StdioPlan |
         plan = None  # decided for this environment by rebuild_stdio, errors to the caller
     else:
         skipped = environ_skipped
-    executor.install_fds(req)
+    not_passed = executor.install_fds(req)
+    if req.passed:
+        executor.adopt_listen_pid(req.client_pid)
     if req.umask is not None:
         os.umask(req.umask)
     executor.set_argv(req)
@@ -110,5 +114,9 @@ def _take_call(req: protocol.Request, with_env: bool, plan: executor.StdioPlan |
     if skipped:
         print(f"prefork: warning: environment entries with invalid names dropped: "
               f"{skipped!r}", file=sys.stderr)
+    if not_passed:
+        print(f"prefork: warning: the caller's fds {not_passed} are not open in the script: "
+              "the script opened its own there before initialisation_complete(), or the "
+              "fd limit is lower", file=sys.stderr)
     # Blocked since before the fork; now the caller's mask, as across exec.
     _signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
