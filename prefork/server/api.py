@@ -65,6 +65,9 @@ def initialisation_complete(**options: Any) -> None:
     except ConfigError as e:
         _fail(str(e))
     del os.environ[envspec.ENV_NAME]
+    from prefork.server import percall
+
+    percall.remember_global()
     try:
         fast = _serve(config)
         from prefork.server import fastexit
@@ -181,12 +184,13 @@ def _freeze_heap(fast_exit: bool, libc: ctypes.CDLL | None) -> bool:
     for all executors; says whether it is armed."""
     import gc
 
-    from prefork.server import fastexit
+    from prefork.server import fastexit, percall
 
     fast = fast_exit and fastexit.install()
     gc.collect()
     fastexit.remember_open_files()
     fastexit.remember_main_globals()
+    percall.remember()
     gc.freeze()
     # glibc returns the heap's free pages to the kernel: fewer to copy at every fork.
     trim = getattr(libc, "malloc_trim", None)

@@ -17,7 +17,7 @@ import sys
 
 from prefork.common import fdio, protocol
 from prefork.common.consts import EXIT_FAILED
-from prefork.server import executor
+from prefork.server import executor, percall
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -120,3 +120,4 @@ def _take_call(req: protocol.Request, with_env: bool, plan: executor.StdioPlan |
               "fd limit is lower", file=sys.stderr)
     # Blocked since before the fork; now the caller's mask, as across exec.
     _signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    percall.at_call()
