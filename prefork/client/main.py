@@ -198,6 +198,8 @@ def server_ident(opts: Options, base: str) -> str:
     if opts.ident is not None:
         return opts.ident
     extra = [b"a" + fsencode(a) for a in opts.interp_args]
+    if opts.script == "-m" and opts.args:  # INTERP -m MOD: one server per module
+        extra.append(b"m" + fsencode(opts.args[0]))
     if opts.any_cwd:
         extra.append(b"any-cwd")
     return compute_ident(

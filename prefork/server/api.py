@@ -204,6 +204,7 @@ def _serve(config: ServerConfig) -> bool:
     import locale  # noqa: F401 - for executors (see below)
 
     from prefork.server import autoreload as ar
+    from prefork.server import glibcsig
     from prefork.server.log import ServerLog
     from prefork.server.loop import Server
 
@@ -221,6 +222,7 @@ def _serve(config: ServerConfig) -> bool:
     if config.autoreload:
         reload = ar.Autoreload(spec.birth_ns, [*ar.module_files(), *config.reload_paths])
     libc, prctl = _load_prctl()
+    glibcsig.reset_internal_signals(libc)
     sys.stdout.flush()
     sys.stderr.flush()
     _warn_threads(log)
@@ -245,6 +247,10 @@ def _serve(config: ServerConfig) -> bool:
         os._exit(1)
     # Only executors get here.
     _title(" ".join(os.fsdecode(a) for a in [sys.executable, *sys.argv]))
+    if _setproctitle:  # it moved the environment out of the original block: show it there
+        from prefork.server import procenv
+
+        procenv.show_environ(os.environb)
     return fast
 
 

@@ -17,6 +17,7 @@ import signal
 import sys
 
 from prefork.common import protocol
+from prefork.server import glibcsig
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -390,6 +391,9 @@ def inherit_from_client(pid: int) -> list[int]:
     for sig in _signals_in(masks.get(b"SigIgn", 0)):
         if sig in (signal.SIGKILL, signal.SIGSTOP):
             continue
+        if sig in glibcsig.GLIBC_INTERNAL:
+            glibcsig.set_ignored(sig)
+            continue
         try:
             if signal.getsignal(sig) == _python_default(sig):
                 signal.signal(sig, signal.SIG_IGN)
@@ -423,12 +427,47 @@ def _signals_in(mask: int) -> list[int]:
     return [n + 1 for n in range(mask.bit_length()) if mask >> n & 1]
 
 
+def module_option(opts: list[str]) -> str | None:
+    """The module of ``-m MOD`` (or ``-mMOD``) among interpreter options, if any."""
+    for i, arg in enumerate(opts):
+        if arg.startswith("-") and not arg.startswith("--"):
+            for j, letter in enumerate(arg[1:], 2):
+                if letter in "cWX":
+                    break
+                if letter == "m":
+                    if j < len(arg):
+                        return arg[j:]
+                    return opts[i + 1] if i + 1 < len(opts) else None
+    return None
+
+
+def _module_args(argv: list[str], module: str) -> list[str] | None:
+    """The arguments of a call to run ``module`` (``INTERP -m MOD ARGS`` through the
+    client's plain form, ``INTERP MOD ARGS`` through ``-U,INTERP,-m``); None if the call
+    names another."""
+    rest = argv[1:]
+    if rest[:2] == ["-m", module]:
+        return rest[2:]
+    if rest[:1] == ["-m" + module] or rest[:1] == [module]:
+        return rest[1:]
+    return None
+
+
 def set_argv(req: protocol.Request) -> None:
     """``sys.argv == [script, *args]`` as in a direct run (the message starts with interp);
-    ``sys.orig_argv`` keeps the server's interpreter options (they are part of its ident)."""
+    ``sys.orig_argv`` keeps the server's interpreter options (they are part of its ident).
+    A server running a module (``-m MOD``) keeps ``sys.argv[0]``, the module's path as the
+    interpreter set it, as a direct ``python -m MOD`` has it."""
     argv = [os.fsdecode(a) for a in req.argv]
     orig = getattr(sys, "orig_argv", None)
     opts = interpreter_options(orig) if orig is not None else []
+    module = module_option(opts)
+    args = _module_args(argv, module) if module is not None else None
+    if args is not None:
+        sys.argv[1:] = args
+        if orig is not None:
+            orig[:] = [*argv[:1], *opts, *args]
+        return
     sys.argv[:] = argv[1:] if len(argv) > 1 else [""]
     if orig is not None:
         try:
