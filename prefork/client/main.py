@@ -32,6 +32,7 @@ from prefork.client.wire import (
     ClientError,
     Connection,
     ScriptEnded,
+    caller_env,
     read_status_v1,
     send_request,
     try_connect,
@@ -66,7 +67,8 @@ options:
   --version     show the version
 
 environment: PREFORK_INTERP_RUNDIR (run directory), PREFORK_INTERP_SETUP_TIMEOUT (seconds,
-default 120), PREFORK_INTERP_WATCHER (watcher executable).
+default 120), PREFORK_INTERP_WATCHER (watcher executable), PREFORK_INTERP_DIRECT (non-empty:
+run the script directly, with no server: e.g. when it must prompt on the terminal).
 exit status: the script's own (or death by the same signal); 127 if prefork-interp fails.
 """
 
@@ -397,12 +399,42 @@ def inherited_fds() -> list[int]:
     return fds
 
 
+def run_directly(opts: Options) -> None:
+    """``PREFORK_INTERP_DIRECT``: exec the interpreter on the script, as a direct run (the
+    controlling terminal, ``/dev/tty`` prompts, job control), in the caller's environment
+    as it came (not the one this interpreter's start-up coerced); the interpreter is looked
+    up in ``PATH`` as the cold path's spawn does.  Returns only by raising ``ClientError``."""
+    argv = [opts.interp, *opts.interp_args]
+    if opts.script is not None:
+        argv.append(opts.script)
+    argv += opts.args
+    env = {}
+    for entry in caller_env():
+        name, _, value = entry.partition(b"=")
+        env[name] = value
+    interp = fsencode(opts.interp)
+    if b"/" in interp:
+        paths = [interp]
+    else:
+        paths = [(d or b".") + b"/" + interp
+                 for d in env.get(b"PATH", b"/usr/local/bin:/usr/bin:/bin").split(b":")]
+    error: OSError | None = None
+    for path in paths:
+        try:
+            posix.execve(path, argv, env)
+        except OSError as e:
+            error = error if isinstance(e, FileNotFoundError) and error else e
+    raise ClientError(f"execute {opts.interp}: {error.strerror if error else 'not found'}")
+
+
 def run(argv: list[str]) -> int:
     """Everything but the final propagation; returns the script's wait status."""
     passed = inherited_fds()
     closed = _fix_std_fds()
     ignored = _caller_ignored_signals()
     opts = parse_args(argv)
+    if posix.environ.get(b"PREFORK_INTERP_DIRECT") and not opts.kill:
+        run_directly(opts)
     base = run_base()
     if opts.kill:
         from prefork.client import start
