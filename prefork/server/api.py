@@ -204,7 +204,7 @@ def _serve(config: ServerConfig) -> bool:
     import locale  # noqa: F401 - for executors (see below)
 
     from prefork.server import autoreload as ar
-    from prefork.server import glibcsig
+    from prefork.server import glibcsig, procenv
     from prefork.server.log import ServerLog
     from prefork.server.loop import Server
 
@@ -248,8 +248,6 @@ def _serve(config: ServerConfig) -> bool:
     # Only executors get here.
     _title(" ".join(os.fsdecode(a) for a in [sys.executable, *sys.argv]))
     if _setproctitle:  # it moved the environment out of the original block: show it there
-        from prefork.server import procenv
-
         procenv.show_environ(os.environb)
     return fast
 

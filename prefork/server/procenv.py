@@ -16,11 +16,45 @@ from __future__ import annotations
 
 import os
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
 
 def _stat_fields() -> list[bytes]:
     with open("/proc/self/stat", "rb") as f:
         data = f.read()
     return data[data.rindex(b")") + 2:].split()
+
+
+def _lookup_environ() -> Any:
+    import ctypes
+
+    try:
+        return ctypes.c_void_p.in_dll(ctypes.CDLL(None), "environ")
+    except (OSError, ValueError):
+        return None
+
+
+#: libc's ``environ`` variable, looked up once in the server (this module is imported
+#: there, before the fork); None: unknown, nothing is written.
+_environ_var: Any = _lookup_environ()
+
+
+def _environ_points_into(ctypes: Any, start: int, end: int, count: int) -> bool:
+    """Does any string of the C ``environ`` (about ``count`` of them) lie in the block?"""
+    if _environ_var is None:
+        return True
+    base = _environ_var.value
+    if not base:
+        return False
+    pointers = (ctypes.c_void_p * (count + 1)).from_address(base)
+    for p in pointers:
+        if not p:
+            return False
+        if start <= p < end:
+            return True
+    return True  # more strings than os.environ has: do not guess
 
 
 def show_environ(environ: os._Environ[bytes]) -> bool:
@@ -37,8 +71,10 @@ def show_environ(environ: os._Environ[bytes]) -> bool:
         return False
     if not env_start or env_end <= env_start:
         return False
-    blob = b"".join(k + b"=" + v + b"\0" for k, v in environ.items())
     size = env_end - env_start
+    if _environ_points_into(ctypes, env_start, env_end, len(environ)):
+        return False  # setproctitle did not move the strings: they must stay
+    blob = b"".join(k + b"=" + v + b"\0" for k, v in environ.items())
     if len(blob) > size:
         blob = b""
     if arg_end:
