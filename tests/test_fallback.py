@@ -12,10 +12,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import socket
 import stat
+import subprocess
 import sys
 import threading
 
@@ -114,7 +116,7 @@ def test_our_server_offers_x1(procs: ProcRegistry, env: dict[str, str], rundir: 
     rc, _, err = procs.run([CLIENT, "-U", PY, script], env=env, cwd=rundir)
     assert (rc, err) == (0, b"")
     ident = compute_ident(rundir, os.fsencode(PY), os.fsencode(script), [], cwd=rundir)
-    xdata = protocol.X1_TOKEN + b"\0"
+    xdata = protocol.X1_TOKEN + b"\0" + protocol.FDS_TOKEN + b"\0"
     assert _greeting_of(socket_path(rundir, ident)) == (
         b"PFI\n" + len(xdata).to_bytes(4, sys.byteorder)
         + xdata)
@@ -143,7 +145,8 @@ class RecordingPeer(threading.Thread):
             with conn:
                 conn.settimeout(scaled(20))
                 conn.sendall(protocol.encode_greeting(self.offer))
-                parser = protocol.RequestParser(protocol.X1_TOKEN in self.offer)
+                parser = protocol.RequestParser(protocol.X1_TOKEN in self.offer,
+                                                protocol.FDS_TOKEN in self.offer)
                 req = None
                 while req is None:
                     data, fds = fdio.recv_with_fds(conn, 65536, 8)
@@ -167,7 +170,8 @@ class RecordingPeer(threading.Thread):
             self.listener.close()
 
 
-@pytest.mark.parametrize("offer", [(), (protocol.X1_TOKEN,), (b"other", protocol.X1_TOKEN)])
+@pytest.mark.parametrize("offer", [(), (protocol.X1_TOKEN,), (b"other", protocol.X1_TOKEN),
+                                   (protocol.X1_TOKEN, protocol.FDS_TOKEN)])
 @pytest.mark.parametrize("kind", ["ours", "c"])
 def test_what_each_client_sends(kind: str, offer: tuple[bytes, ...], procs: ProcRegistry,
                                 env: dict[str, str], rundir: str,
@@ -213,3 +217,41 @@ def test_what_each_client_sends(kind: str, offer: tuple[bytes, ...], procs: Proc
         assert peer.fds_per_message == [1, 1, 1]
         assert len(peer.fd_stats) == 3
         assert req.umask is None
+
+
+@pytest.mark.parametrize("offer", [(protocol.X1_TOKEN,), (protocol.X1_TOKEN, protocol.FDS_TOKEN)])
+def test_our_client_passes_other_fds_only_when_offered(
+        offer: tuple[bytes, ...], procs: ProcRegistry, env: dict[str, str], rundir: str) -> None:
+    """The caller's fds above 2 (here a pipe at a free number, and a file's fd) go along, after the
+    extension block, only to a server that offered ``prefork-fds`` (older servers of ours
+    take exactly 4 fds)."""
+    ident = "pftest" + secrets.token_hex(16)
+    peer = RecordingPeer(socket_path(rundir, ident), offer, 0)
+    peer.start()
+    r, w = os.pipe()
+    high = fcntl.fcntl(r, fcntl.F_DUPFD_CLOEXEC, 100)  # a number nobody else here uses
+    with open(os.path.join(rundir, "f"), "w") as f:
+        try:
+            p = procs.popen([CLIENT, "-g", ident, "-U", "interp", "script"], env=env,
+                            cwd=rundir, pass_fds=(high, f.fileno()), stderr=subprocess.PIPE)
+            _, err = p.communicate(timeout=scaled(30))
+            peer.join(scaled(30))
+            assert p.returncode == 0, (err, peer.error)
+        finally:
+            os.close(high)
+            os.close(r)
+            os.close(w)
+        fno = f.fileno()
+        f_ino = os.fstat(fno).st_ino
+    peer.join(scaled(30))
+    assert peer.error is None, peer.error
+    req = peer.request
+    assert req is not None and req.extended
+    if protocol.FDS_TOKEN in offer:
+        assert req.passed == tuple(sorted((high, fno)))
+        assert peer.fds_per_message == [4, 2]
+        inos = {fd: st.st_ino for fd, st in zip(req.passed, peer.fd_stats[4:], strict=True)}
+        assert inos[fno] == f_ino
+        assert stat.S_ISFIFO(peer.fd_stats[4 + req.passed.index(high)].st_mode)
+    else:
+        assert req.passed == () and peer.fds_per_message == [4]

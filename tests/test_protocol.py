@@ -452,9 +452,9 @@ def test_handover_encoding_matches_the_spec() -> None:
     req = _handover(env=[(b"A", b"1"), (b"B", b"")], argv=[b"py", b"s", b""])
     wire = protocol.encode_handover(req, client_pid=4242, with_env=True)
     argv_blob, env_blob = b"py\0s\0\0", b"A=1\0B=\0"
-    head = (b"PH" + bytes([4, 1 | 2 | 4]) + struct.pack(">IIIII", 0o027, 5, 4242,
-                                                         len(argv_blob), len(env_blob)))
-    assert len(head) == 24 == protocol.HANDOVER_HEAD.size
+    head = (b"PH" + bytes([4, 1 | 2 | 4]) + struct.pack(">IIIIII", 0o027, 5, 4242,
+                                                          len(argv_blob), len(env_blob), 0))
+    assert len(head) == 28 == protocol.HANDOVER_HEAD.size
     assert wire == head + argv_blob + env_blob
 
 
@@ -497,7 +497,7 @@ def test_handover_truncated_anywhere_is_a_clear_error() -> None:
     wire = protocol.encode_handover(_handover(), client_pid=1, with_env=True)
     head, body = _split(wire)
     for n in range(len(head)):
-        with pytest.raises(ProtocolError, match=rf"truncated head \({n} of 24 bytes\)"):
+        with pytest.raises(ProtocolError, match=rf"truncated head \({n} of 28 bytes\)"):
             protocol.decode_handover_head(head[:n])
     for n in range(len(body)):
         with pytest.raises(ProtocolError, match=f"body of {n} bytes, expected {len(body)}"):
@@ -505,13 +505,16 @@ def test_handover_truncated_anywhere_is_a_clear_error() -> None:
 
 
 def _head(magic: bytes = b"PH", nfds: int = 4, bits: int = 7, umask: int = 0o22,
-          argv_len: int = 3, env_len: int = 0) -> bytes:
-    return struct.pack(">2sBBIIIII", magic, nfds, bits, umask, 0, 1, argv_len, env_len)
+          argv_len: int = 3, env_len: int = 0, npassed: int = 0) -> bytes:
+    return struct.pack(">2sBBIIIIII", magic, nfds, bits, umask, 0, 1, argv_len, env_len,
+                       npassed)
 
 
 @pytest.mark.parametrize(("head", "match"), [
     (_head(magic=b"PF"), "bad magic"),
-    (b"\xff" * 24, "bad magic"),
+    (b"\xff" * 28, "bad magic"),
+    (_head(npassed=protocol.MAX_PASSED_FDS + 1), "passed fds"),
+    (_head(bits=0, nfds=3, npassed=1), "1 passed fds"),
     (_head(bits=8), "unknown bits 0x08"),
     (_head(bits=0x80 | 1), "unknown bits"),
     (_head(nfds=3), "3 fds announced, a call has 4"),
@@ -603,3 +606,88 @@ def test_envspec_malformed(value: str, match: str) -> None:
     text = str(info.value)
     assert text.startswith(f"PREFORK_INTERP={value!r}: "), text
     assert isinstance(info.value, ValueError)
+
+
+# ---------------------------------------------------------------- passed fds (issue 12, item 6)
+
+
+def test_ext_block_with_passed_fds() -> None:
+    """The numbers follow the 12 fixed bytes; an old reader (``decode_ext``) ignores them."""
+    enc = protocol.encode_ext(0o022, 0, 77, [3, 63, 1000])
+    assert enc[4:] == struct.pack(">IIIIIII", 0o022, 0, 77, 3, 3, 63, 1000)
+    assert protocol.decode_ext(enc[4:]) == (0o022, 0, 77)
+    assert protocol.decode_ext_passed(enc[4:]) == (3, 63, 1000)
+    assert protocol.decode_ext_passed(protocol.encode_ext(0o022, 0, 77)[4:]) == ()
+    assert protocol.encode_ext(0o022, 0, 77, []) == protocol.encode_ext(0o022, 0, 77)
+
+
+@pytest.mark.parametrize(("tail", "match"), [
+    (struct.pack(">II", 2, 3), "2 passed fd numbers announced, 1 there"),
+    (struct.pack(">II", 1, 2), "bad passed fd numbers"),
+    (struct.pack(">III", 2, 5, 5), "bad passed fd numbers"),
+    (struct.pack(">II", 1, 0x80000000), "bad passed fd numbers"),
+    (struct.pack(">I", protocol.MAX_PASSED_FDS + 1), "at most"),
+])
+def test_ext_block_bad_passed_fds(tail: bytes, match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        protocol.decode_ext_passed(struct.pack(">III", 0, 0, 1) + tail)
+
+
+@pytest.mark.parametrize(("count", "chunks"), [(0, 0), (1, 1), (253, 1), (254, 2), (506, 2),
+                                               (507, 3)])
+def test_fd_chunks_follow_scm_max_fd(count: int, chunks: int) -> None:
+    assert protocol.fd_chunks(count) == chunks
+
+
+def _x1_wire_with_passed(passed: list[int]) -> tuple[bytes, dict[int, list[int]]]:
+    """An x1 request passing ``passed``: fds 10..13 on byte 1, then 100+i on the chunks."""
+    tail = protocol.encode_request_x1_tail(ENV, ARGV, 0o022, 0, 4242, passed)
+    wire = b"\x01\0" + tail + b"\0" * protocol.fd_chunks(len(passed))
+    fds_at = {1: [10, 11, 12, 13]}
+    for c in range(protocol.fd_chunks(len(passed))):
+        lo = c * protocol.SCM_MAX_FD
+        fds_at[len(b"\x01\0" + tail) + c] = [100 + i for i in
+                                             range(lo, min(lo + protocol.SCM_MAX_FD,
+                                                           len(passed)))]
+    return wire, fds_at
+
+
+@pytest.mark.parametrize("count", [0, 1, 3, 253, 254, 600])
+def test_request_with_passed_fds_in_any_chunking(count: int) -> None:
+    passed = list(range(3, 3 + count))
+    wire, fds_at = _x1_wire_with_passed(passed)
+    for chunk in (None, 1, 7):
+        r = _feed_all(RequestParser(True, True), wire, fds_at, chunk)
+        assert r is not None
+        assert r.passed == tuple(passed)
+        assert r.fds == [10, 11, 12, 13, *range(100, 100 + count)]
+        env = [tuple(e.split(b"=", 1)) for e in ENV]
+        assert (r.umask, r.client_pid, r.env, r.argv) == (0o022, 4242, env, ARGV)
+
+
+def test_passed_fds_without_the_offer_are_refused() -> None:
+    """A server that did not offer the token takes 4 fds, as before: more is an error."""
+    wire, fds_at = _x1_wire_with_passed([3])
+    with pytest.raises(ProtocolError, match="5 fds received, expected 4"):
+        _feed_all(RequestParser(True, False), wire, fds_at, len(wire))
+
+
+def test_passed_fds_on_the_wrong_byte_are_refused() -> None:
+    wire, _ = _x1_wire_with_passed([3, 4])
+    with pytest.raises(ProtocolError, match="6 fds received, expected 4"):
+        _feed_all(RequestParser(True, True), wire, {1: [10, 11, 12, 13, 14, 15]}, 1)
+    with pytest.raises(ProtocolError, match="5 fds received, expected 6"):
+        _feed_all(RequestParser(True, True), wire, {1: [10, 11, 12, 13], len(wire) - 1: [14]},
+                  None)
+
+
+def test_handover_round_trip_with_passed_fds() -> None:
+    passed = (3, 9, 63)
+    req = Request(True, [20, 21, 22, 23, 24, 25, 26], HO_ENV, ARGV, 0o022, 0, 1, passed)
+    head, body = _split(protocol.encode_handover(req, client_pid=5, with_env=False))
+    assert protocol.decode_handover_head(head) == len(body)
+    assert protocol.handover_passed_count(head) == 3
+    got, _ = protocol.decode_handover(head, body, list(req.fds))
+    assert got.passed == passed and got.fds == req.fds and got.argv == ARGV
+    with pytest.raises(ProtocolError, match="expected 7 fds, got 4"):
+        protocol.decode_handover(head, body, [20, 21, 22, 23])

@@ -291,10 +291,13 @@ def test_nothing_of_one_call_is_visible_in_the_next(rundir: str, env: dict[str, 
     assert (rc, err) == (0, b"")
     first, second = json.loads(out1), json.loads(out2)
     assert first["server"] == second["server"]
-    for got, argv, cwd, umask, mine, other in (
-            (first, ["--flag", "first"], dirs[0], 0o027, "PF_FIRST", "PF_SECOND"),
-            (second, ["second"], dirs[1], 0o002, "PF_SECOND", "PF_FIRST")):
-        assert sorted(got["fds"]) == ["0", "1", "2"], got["fds"]
+    # The first call's extra fds are passed on to it (as a direct run inherits them), and
+    # are gone in the second.
+    passed = sorted(str(fd) for fd in (extra_r, extra_w))
+    for got, argv, cwd, umask, mine, other, fds in (
+            (first, ["--flag", "first"], dirs[0], 0o027, "PF_FIRST", "PF_SECOND", passed),
+            (second, ["second"], dirs[1], 0o002, "PF_SECOND", "PF_FIRST", [])):
+        assert sorted(got["fds"]) == sorted(["0", "1", "2", *fds]), got["fds"]
         assert got["argv"] == [script, *argv]
         assert got["cwd"] == cwd
         assert got["umask"] == umask

@@ -137,7 +137,7 @@ def test_a_garbage_hand_over_ends_the_spare_with_a_clear_error() -> None:
     pid, server_end, err_r = _fork_spare(lambda: None)
     r, w = os.pipe()
     try:
-        fdio.send_fds(server_end, b"GARBAGE!" * 3, [r, w, w])
+        fdio.send_fds(server_end, b"GARBAGE!" * 4, [r, w, w])
     finally:
         os.close(r)
         os.close(w)

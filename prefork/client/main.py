@@ -34,6 +34,7 @@ from prefork.client.wire import (
     NoGreeting,
     Redirected,
     ScriptEnded,
+    caller_env,
     peer_creds,
     read_status_v1,
     send_request,
@@ -72,7 +73,8 @@ options:
   --version     show the version
 
 environment: PREFORK_INTERP_RUNDIR (run directory), PREFORK_INTERP_SETUP_TIMEOUT (seconds,
-default 120), PREFORK_INTERP_WATCHER (watcher executable).
+default 120), PREFORK_INTERP_WATCHER (watcher executable), PREFORK_INTERP_DIRECT (non-empty:
+run the script directly, with no server: e.g. when it must prompt on the terminal).
 exit status: the script's own (or death by the same signal); 127 if prefork-interp fails.
 """
 
@@ -207,9 +209,11 @@ def server_ident(opts: Options, base: str) -> str:
         return opts.ident
     extra = [b"a" + fsencode(a) for a in opts.interp_args]
     script = None if opts.script is None else fsencode(opts.script)
+    if opts.script == "-m" and opts.args:  # INTERP -m MOD: one server per module
+        extra.append(b"m" + fsencode(opts.args[0]))
     if opts.any_cwd:
         extra.append(b"any-cwd")
-        if script is not None and not script.startswith(b"/"):
+        if script is not None and opts.script != "-m" and not script.startswith(b"/"):
             # Without the cwd in the ident, a relative path names another script in each
             # directory: the ident has the absolute one (the request keeps what was typed).
             script = posix.getcwdb() + b"/" + script
@@ -443,11 +447,75 @@ def _caller_ignored_signals() -> set[int]:
     return ignored
 
 
+def inherited_fds() -> list[int]:
+    """The fds above 2 the caller left open for us, before we open any: the inheritable ones
+    (``/proc/self/fd`` also lists the directory's own fd, close-on-exec and closed by now;
+    anything the interpreter opened at start-up is close-on-exec too).  Passed to the
+    script under x1 at their numbers, as a direct run inherits them.  [] without /proc."""
+    try:
+        names = posix.listdir("/proc/self/fd")
+    except OSError:
+        return []
+    fds = []
+    for name in names:
+        fd = int(name)
+        if fd > 2:
+            try:
+                if posix.get_inheritable(fd):
+                    fds.append(fd)
+            except OSError:
+                pass
+    fds.sort()
+    return fds
+
+
+def run_directly(opts: Options) -> None:
+    """``PREFORK_INTERP_DIRECT``: exec the interpreter on the script, as a direct run (the
+    controlling terminal, ``/dev/tty`` prompts, job control), in the caller's environment
+    as it came (not the one this interpreter's start-up coerced); the interpreter is looked
+    up in ``PATH`` as the cold path's spawn does.  Returns only by raising ``ClientError``."""
+    argv = [opts.interp, *opts.interp_args]
+    if opts.script is not None:
+        argv.append(opts.script)
+    argv += opts.args
+    env = {}
+    for entry in caller_env():
+        name, _, value = entry.partition(b"=")
+        env[name] = value
+    interp = fsencode(opts.interp)
+    if b"/" in interp:
+        paths = [interp]
+    else:
+        paths = [(d or b".") + b"/" + interp
+                 for d in env.get(b"PATH", b"/usr/local/bin:/usr/bin:/bin").split(b":")]
+    error: OSError | None = None
+    for path in paths:
+        try:
+            posix.execve(path, argv, env)
+        except OSError as e:
+            error = error if isinstance(e, FileNotFoundError) and error else e
+    raise ClientError(f"execute {opts.interp}: {error.strerror if error else 'not found'}")
+
+
+def _fds_to_pass(offer: frozenset[bytes], passed: list[int]) -> list[int]:
+    """The caller's other fds to pass, if the server takes them (``prefork-fds``)."""
+    if protocol.FDS_TOKEN not in offer:
+        return []
+    if len(passed) > protocol.MAX_PASSED_FDS:
+        raise ClientError(f"{len(passed)} open fds to pass on to the script: at most "
+                          f"{protocol.MAX_PASSED_FDS} can be (close some, e.g. with "
+                          "close_fds, or run the script directly)")
+    return passed
+
+
 def run(argv: list[str]) -> int:
     """Everything but the final propagation; returns the script's wait status."""
+    passed = inherited_fds()
     closed = _fix_std_fds()
     ignored = _caller_ignored_signals()
     opts = parse_args(argv)
+    if posix.environ.get(b"PREFORK_INTERP_DIRECT") and not opts.kill:
+        run_directly(opts)
     base = run_base()
     if opts.kill:
         from prefork.client import start
@@ -462,7 +530,8 @@ def run(argv: list[str]) -> int:
         send_request(sock, _request_argv(opts), False, closed)
         return read_status_v1(sock)
     wake_r = forward_signals(ignored)
-    send_request(sock, _request_argv(opts), True, closed | protocol.FLAG_FOLLOWS_REDIRECT)
+    send_request(sock, _request_argv(opts), True, closed | protocol.FLAG_FOLLOWS_REDIRECT,
+                 _fds_to_pass(offer, passed))
     try:
         return x1_call_loop(sock, wake_r)
     except Redirected as r:
@@ -477,7 +546,8 @@ def run(argv: list[str]) -> int:
     if protocol.X1_TOKEN not in offer:
         send_request(sock, _request_argv(opts), False, closed)
         return read_status_v1(sock)
-    send_request(sock, _request_argv(opts), True, closed | protocol.FLAG_FOLLOWS_REDIRECT)
+    send_request(sock, _request_argv(opts), True, closed | protocol.FLAG_FOLLOWS_REDIRECT,
+                 _fds_to_pass(offer, passed))
     try:
         return x1_call_loop(sock, wake_r)
     except Redirected:

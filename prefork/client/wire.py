@@ -138,9 +138,10 @@ def caller_env() -> list[bytes]:
 
 
 def send_request(sock: _socket.socket, argv: list[bytes], extended: bool,
-                 closed: int) -> None:
+                 closed: int, passed: list[int] | None = None) -> None:
     """Send the call: signalling byte, fds 0/1/2 (and the cwd), message (and, under x1, the
-    extension block with the umask, the std fds the caller left ``closed`` and our pid)."""
+    extension block with the umask, the std fds the caller left ``closed``, our pid and
+    the numbers of the other fds ``passed``, which follow it)."""
     env = caller_env()
     if extended:
         cwd_fd = posix.open(".", posix.O_PATH | posix.O_DIRECTORY | posix.O_CLOEXEC)
@@ -151,7 +152,10 @@ def send_request(sock: _socket.socket, argv: list[bytes], extended: bool,
             fdio.send_fds(sock, b"\0", [*_STD_FDS, cwd_fd])
         finally:
             posix.close(cwd_fd)
-        sock.sendall(protocol.encode_request_x1_tail(env, argv, umask, closed, posix.getpid()))
+        sock.sendall(protocol.encode_request_x1_tail(env, argv, umask, closed, posix.getpid(),
+                                                     passed or ()))
+        if passed:
+            fdio.send_fd_chunks(sock, passed, protocol.SCM_MAX_FD)
     else:
         sock.sendall(b"\0")
         for fd in _STD_FDS:

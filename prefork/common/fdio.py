@@ -40,6 +40,32 @@ def send_fds(sock: _socket.socket, data: bytes, fds: "Sequence[int]") -> None:
         sock.sendall(data[sent:])
 
 
+def send_fd_chunks(sock: _socket.socket, fds: "Sequence[int]", per_message: int) -> None:
+    """Send ``fds`` on one ``b"\\0"`` each ``per_message`` of them (the kernel takes at most
+    ``SCM_MAX_FD`` = 253 in one message)."""
+    for i in range(0, len(fds), per_message):
+        send_fds(sock, b"\0", fds[i:i + per_message])
+
+
+def recv_fd_chunks(sock: _socket.socket, count: int, per_message: int) -> list[int]:
+    """Receive ``count`` fds sent by ``send_fd_chunks``; on any error the ones received are
+    closed and ``ValueError`` (or the socket's error) is raised."""
+    got: list[int] = []
+    try:
+        while len(got) < count:
+            data, fds = recv_with_fds(sock, 1, per_message)
+            got.extend(fds)
+            if data != b"\0" or not fds:
+                raise ValueError(f"fd chunk: {data!r} with {len(fds)} fds")
+        if len(got) != count:
+            raise ValueError(f"{len(got)} fds received, expected {count}")
+    except BaseException:
+        for fd in got:
+            posix.close(fd)
+        raise
+    return got
+
+
 def recv_with_fds(sock: _socket.socket, bufsize: int, maxfds: int) -> tuple[bytes, list[int]]:
     """One ``recvmsg``: up to ``bufsize`` bytes and up to ``maxfds`` fds (non-inheritable).
 

@@ -44,6 +44,17 @@ non-zero byte, so the byte is never sent to one).  The request is then::
 executor closes it again); bit 3 = the client follows ``R`` records (below); unknown bits are
 ignored.
 
+Passed fds (x1 with the token ``b"prefork-fds"`` also offered): the caller's other open fds
+(3 and up, those the client inherited), at their numbers.  Their numbers follow the 12
+fixed bytes of ``ext``, and the fds themselves follow ``ext``, at most 253 (``SCM_MAX_FD``)
+on each extra byte::
+
+    ext = umask:u32be flags:u32be client_pid:u32be  npassed:u32be  fdnum:u32be x npassed
+    ceil(npassed / 253) x sendmsg(data=b"\0", SCM_RIGHTS=[<= 253 fds])   in fdnum order
+
+No ``npassed`` (or 0): no fds, no extra bytes (what a client sends that was not offered the
+token).  Each ``fdnum`` is >= 3, they are distinct, at most ``MAX_PASSED_FDS`` of them.
+
 After the request both directions carry 5-byte *records* ``tag:u8 value:u32be``:
 
 - client -> server ``S sig``: deliver signal ``sig`` to the executor's process group.
@@ -67,13 +78,18 @@ The server hands a complete call to its spare executor in one message on their s
 the call's fds (3 for v1, 4 for x1) riding on its first byte by SCM_RIGHTS::
 
     magic:2s = b"PH"  nfds:u8  bits:u8  umask:u32be  flags:u32be  client_pid:u32be
-    argv_len:u32be  env_len:u32be                                   (the 24-byte head)
+    argv_len:u32be  env_len:u32be  npassed:u32be                    (the 28-byte head)
     argv:argv_len bytes    every argument NUL-terminated; at least one (the interpreter)
     env:env_len bytes      every ``NAME=value`` NUL-terminated (only with bit 2)
+    fdnum:u32be x npassed  the numbers of the passed fds
 
 ``bits``: 1 = extended (x1) call; 2 = the environment is included (else the spare keeps the
 one it set before the call: the previous call's, the same as this one's); 4 = ``umask`` is
 set.  Other bits are refused.  EOF where the head would be: the server lets the spare go.
+
+The head ends with ``npassed:u32be``, the number of passed fds (above); their numbers
+(``npassed x u32be``) end the body, and the fds follow the body as in the request, at most
+253 on each extra ``b"\0"`` byte.
 """
 
 import _struct
@@ -87,6 +103,8 @@ EXT_FIXED = _struct.Struct(">III")
 SIGBYTE_V1 = 0
 SIGBYTE_X1 = 1
 X1_TOKEN = b"prefork-x1"
+#: Offered with ``X1_TOKEN``: the server takes the caller's other fds (see "Passed fds").
+FDS_TOKEN = b"prefork-fds"
 
 V1_FDS = 3
 X1_FDS = 4
@@ -95,6 +113,11 @@ FLAG_FD0_CLOSED = 1
 FLAG_FD1_CLOSED = 2
 FLAG_FD2_CLOSED = 4
 FLAG_FOLLOWS_REDIRECT = 8
+
+#: The kernel's limit on fds in one SCM_RIGHTS message (``SCM_MAX_FD``).
+SCM_MAX_FD = 253
+#: Upper bound on the passed fds of one call (the client refuses a call with more).
+MAX_PASSED_FDS = 4096
 
 REC_SIGNAL = b"S"
 REC_PID = b"P"
@@ -110,7 +133,7 @@ MAX_XDATA = 64 * 1024
 
 
 HANDOVER_MAGIC = b"PH"
-HANDOVER_HEAD = _struct.Struct(">2sBBIIIII")
+HANDOVER_HEAD = _struct.Struct(">2sBBIIIIII")
 HANDOVER_EXTENDED = 1
 HANDOVER_ENV = 2
 HANDOVER_UMASK = 4
@@ -185,10 +208,44 @@ def decode_message(body: bytes) -> tuple[list[tuple[bytes, bytes]], list[bytes]]
     return env, argv
 
 
-def encode_ext(umask: int, flags: int, client_pid: int) -> bytes:
-    """The x1 extension block, length-prefixed."""
+def encode_ext(umask: int, flags: int, client_pid: int,
+               passed: tuple[int, ...] | list[int] = ()) -> bytes:
+    """The x1 extension block, length-prefixed; ``passed``: the numbers of the passed fds
+    (only to a server that offered ``FDS_TOKEN``)."""
     block = EXT_FIXED.pack(umask, flags, client_pid)
+    if passed:
+        block += _encode_fdnums(passed)
     return U32BE.pack(len(block)) + block
+
+
+def _encode_fdnums(passed: tuple[int, ...] | list[int]) -> bytes:
+    return _struct.pack(f">I{len(passed)}I", len(passed), *passed)
+
+
+def _decode_fdnums(block: bytes, offset: int, what: str) -> tuple[int, ...]:
+    """``npassed`` and the fd numbers at ``offset``, checked (>= 3, distinct, not too many)."""
+    if len(block) < offset + 4:
+        return ()
+    (n,) = U32BE.unpack_from(block, offset)
+    if n > MAX_PASSED_FDS:
+        raise ProtocolError(f"{what}: {n} passed fds, at most {MAX_PASSED_FDS}")
+    if len(block) < offset + 4 + 4 * n:
+        raise ProtocolError(f"{what}: {n} passed fd numbers announced, "
+                            f"{(len(block) - offset - 4) // 4} there")
+    nums = _struct.unpack_from(f">{n}I", block, offset + 4)
+    if any(fd < 3 or fd > 0x7FFFFFFF for fd in nums) or len(set(nums)) != n:
+        raise ProtocolError(f"{what}: bad passed fd numbers {list(nums)[:8]}")
+    return tuple(int(fd) for fd in nums)
+
+
+def decode_ext_passed(block: bytes) -> tuple[int, ...]:
+    """The numbers of the passed fds in an extension block (none if it has no list)."""
+    return _decode_fdnums(block, EXT_FIXED.size, "extension block")
+
+
+def fd_chunks(count: int) -> int:
+    """How many extra bytes carry ``count`` passed fds (``SCM_MAX_FD`` on each)."""
+    return -(-count // SCM_MAX_FD)
 
 
 def decode_ext(block: bytes) -> tuple[int, int, int]:
@@ -231,18 +288,21 @@ def decode_records(buf: bytes) -> tuple[list[tuple[bytes, int]], bytes]:
 class Request:
     """A fully received call."""
 
-    __slots__ = ("argv", "client_pid", "env", "extended", "fds", "flags", "umask")
+    __slots__ = ("argv", "client_pid", "env", "extended", "fds", "flags", "passed", "umask")
 
     def __init__(self, extended: bool, fds: list[int], env: list[tuple[bytes, bytes]],
                  argv: list[bytes], umask: int | None = None, flags: int = 0,
-                 client_pid: int = 0) -> None:
+                 client_pid: int = 0, passed: tuple[int, ...] = ()) -> None:
         self.extended = extended
+        #: The fds received: 0, 1, 2 (and the cwd, x1), then one for each of ``passed``.
         self.fds = fds
         self.env = env
         self.argv = argv
         self.umask = umask
         self.flags = flags
         self.client_pid = client_pid
+        #: The caller's numbers of the passed fds (``fds[X1_FDS:]``, in order).
+        self.passed = passed
 
 
 class RequestParser:
@@ -254,17 +314,20 @@ class RequestParser:
 
     Linear in the request's size: bytes are appended to one ``bytearray``, the header is
     parsed again only once enough has arrived to get further (``_wait``), and the message is
-    decoded once, when complete.
+    decoded once, when complete.  With ``fds_offered`` (the ``prefork-fds`` token), the
+    caller's other fds follow the extension block (``decode_ext_passed``).
     """
 
-    def __init__(self, x1_offered: bool) -> None:
+    def __init__(self, x1_offered: bool, fds_offered: bool = False) -> None:
         self.x1_offered = x1_offered
+        self.fds_offered = x1_offered and fds_offered
         self.buf = bytearray()
         self.fds: list[int] = []
         self.rest = b""
         self.extended: bool | None = None
         self.done = False
         self._wait = 1  # bytes needed before parsing again can get further
+        self._fd_limit: int | None = None  # fds allowed so far, once the passed ones are known
         self._message: tuple[list[tuple[bytes, bytes]], list[bytes]] | None = None
 
     def _need_fds(self) -> int:
@@ -290,8 +353,9 @@ class RequestParser:
             else:
                 raise ProtocolError(f"signalling byte is {sig:#04x}, not zero")
         need = self._need_fds()
-        if len(self.fds) > need:
-            raise ProtocolError(f"{len(self.fds)} fds received, expected {need}")
+        limit = need if self._fd_limit is None else self._fd_limit
+        if len(self.fds) > limit:
+            raise ProtocolError(f"{len(self.fds)} fds received, expected {limit}")
         if len(buf) < self._wait:
             return None
         return self._parse(buf, need)
@@ -322,6 +386,7 @@ class RequestParser:
         pos += mlen
         umask: int | None = None
         flags = cpid = 0
+        passed: tuple[int, ...] = ()
         if self.extended:
             if len(buf) < pos + 4:
                 self._wait = pos + 4
@@ -333,12 +398,28 @@ class RequestParser:
             if len(buf) < pos + xlen:
                 self._wait = pos + xlen
                 return None
-            umask, flags, cpid = decode_ext(bytes(buf[pos : pos + xlen]))
+            block = bytes(buf[pos : pos + xlen])
+            umask, flags, cpid = decode_ext(block)
             pos += xlen
+            if self.fds_offered:
+                passed = decode_ext_passed(block)
+                need += len(passed)
+                self._fd_limit = need
+                if len(self.fds) > need:
+                    raise ProtocolError(f"{len(self.fds)} fds received, expected {need}")
+                chunks = fd_chunks(len(passed))
+                if len(buf) < pos + chunks:
+                    self._wait = pos + chunks
+                    return None
+                if buf[pos : pos + chunks] != b"\0" * chunks:
+                    raise ProtocolError("fd-carrying bytes are not zero")
+                pos += chunks
+        if len(self.fds) != need:
+            raise ProtocolError(f"{len(self.fds)} fds received, expected {need}")
         self.done = True
         self.rest = bytes(buf[pos:])
         self.buf = bytearray()
-        return Request(bool(self.extended), self.fds, env, argv, umask, flags, cpid)
+        return Request(bool(self.extended), self.fds, env, argv, umask, flags, cpid, passed)
 
 
 def encode_request_v1_tail(env: list[bytes], argv: list[bytes]) -> bytes:
@@ -347,9 +428,10 @@ def encode_request_v1_tail(env: list[bytes], argv: list[bytes]) -> bytes:
 
 
 def encode_request_x1_tail(env: list[bytes], argv: list[bytes], umask: int, flags: int,
-                           client_pid: int) -> bytes:
-    """What follows the fds in an x1 request."""
-    return encode_message(env, argv) + encode_ext(umask, flags, client_pid)
+                           client_pid: int,
+                           passed: tuple[int, ...] | list[int] = ()) -> bytes:
+    """What follows the fds in an x1 request (up to the bytes carrying the passed fds)."""
+    return encode_message(env, argv) + encode_ext(umask, flags, client_pid, passed)
 
 
 # ---------------------------------------------------------------- hand-over (server -> spare)
@@ -380,9 +462,11 @@ def encode_handover(req: Request, *, client_pid: int, with_env: bool) -> bytes:
     if req.umask is not None:
         bits |= HANDOVER_UMASK
         umask = req.umask
-    head = HANDOVER_HEAD.pack(HANDOVER_MAGIC, len(req.fds), bits, umask, req.flags,
-                              client_pid, len(argv_blob), len(env_blob))
-    return head + argv_blob + env_blob
+    passed = req.passed
+    nfds = len(req.fds) - len(passed)
+    head = HANDOVER_HEAD.pack(HANDOVER_MAGIC, nfds, bits, umask, req.flags,
+                              client_pid, len(argv_blob), len(env_blob), len(passed))
+    return head + argv_blob + env_blob + (_encode_fdnums(passed)[4:] if passed else b"")
 
 
 def decode_handover_head(head: bytes) -> int:
@@ -390,7 +474,8 @@ def decode_handover_head(head: bytes) -> int:
     if len(head) != HANDOVER_HEAD.size:
         raise ProtocolError(f"hand-over: truncated head ({len(head)} of "
                             f"{HANDOVER_HEAD.size} bytes)")
-    magic, nfds, bits, umask, _flags, _pid, argv_len, env_len = HANDOVER_HEAD.unpack(head)
+    magic, nfds, bits, umask, _flags, _pid, argv_len, env_len, npassed = \
+        HANDOVER_HEAD.unpack(head)
     if magic != HANDOVER_MAGIC:
         raise ProtocolError(f"hand-over: bad magic {magic!r}")
     if bits & ~_HANDOVER_BITS:
@@ -404,7 +489,14 @@ def decode_handover_head(head: bytes) -> int:
         raise ProtocolError(f"hand-over: bad lengths (argv {argv_len}, env {env_len})")
     if env_len and not bits & HANDOVER_ENV:
         raise ProtocolError("hand-over: environment bytes without the environment bit")
-    return int(argv_len + env_len)
+    if npassed > MAX_PASSED_FDS or (npassed and not bits & HANDOVER_EXTENDED):
+        raise ProtocolError(f"hand-over: {npassed} passed fds")
+    return int(argv_len + env_len + 4 * npassed)
+
+
+def handover_passed_count(head: bytes) -> int:
+    """The number of passed fds a checked hand-over head announces (they follow its body)."""
+    return int(HANDOVER_HEAD.unpack(head)[-1])
 
 
 def decode_handover(head: bytes, body: bytes, fds: list[int]) -> tuple[Request, bool]:
@@ -412,11 +504,17 @@ def decode_handover(head: bytes, body: bytes, fds: list[int]) -> tuple[Request, 
     the ``fds`` that came with it), and whether it includes the environment (else
     ``Request.env`` is empty: the spare keeps its own)."""
     length = decode_handover_head(head)
-    _magic, nfds, bits, umask, flags, pid, argv_len, _env_len = HANDOVER_HEAD.unpack(head)
+    _magic, nfds, bits, umask, flags, pid, argv_len, env_len, npassed = \
+        HANDOVER_HEAD.unpack(head)
     if len(body) != length:
         raise ProtocolError(f"hand-over: body of {len(body)} bytes, expected {length}")
-    if len(fds) != nfds:
-        raise ProtocolError(f"hand-over: expected {nfds} fds, got {len(fds)}")
+    if len(fds) != nfds + npassed:
+        raise ProtocolError(f"hand-over: expected {nfds + npassed} fds, got {len(fds)}")
+    passed: tuple[int, ...] = ()
+    if npassed:
+        passed = _decode_fdnums(U32BE.pack(npassed) + body[argv_len + env_len:], 0,
+                                "hand-over")
+        body = body[:argv_len + env_len]
     argv_blob = body[:argv_len]
     if not argv_blob.endswith(b"\0"):
         raise ProtocolError("hand-over: argv without its trailing NUL")
@@ -434,5 +532,5 @@ def decode_handover(head: bytes, body: bytes, fds: list[int]) -> tuple[Request, 
             env.append((name, value))
     extended = bool(bits & HANDOVER_EXTENDED)
     req = Request(extended, fds, env, argv, umask if bits & HANDOVER_UMASK else None,
-                  int(flags), int(pid))
+                  int(flags), int(pid), passed)
     return req, bool(bits & HANDOVER_ENV)

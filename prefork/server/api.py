@@ -65,6 +65,9 @@ def initialisation_complete(**options: Any) -> None:
     except ConfigError as e:
         _fail(str(e))
     del os.environ[envspec.ENV_NAME]
+    from prefork.server import percall
+
+    percall.remember_global()
     try:
         fast = _serve(config)
         from prefork.server import fastexit
@@ -194,18 +197,29 @@ def _detach(script: str) -> None:
     os.close(null)
 
 
+def _libc() -> Any:
+    """libc through ``ctypes`` (for ``glibcsig``'s raw ``rt_sigaction``), or None."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
 def _freeze_heap(fast_exit: bool) -> bool:
     """Ready the heap for forking (collected, frozen, trimmed) and arm the fast exit once
     for all executors; says whether it is armed."""
     import gc
 
     from prefork.common import cfunc
-    from prefork.server import fastexit
+    from prefork.server import fastexit, percall
 
     fast = fast_exit and fastexit.install()
     gc.collect()
     fastexit.remember_open_files()
     fastexit.remember_main_globals()
+    percall.remember()
     gc.freeze()
     # glibc returns the heap's free pages to the kernel: fewer to copy at every fork.
     cfunc.malloc_trim()
@@ -215,7 +229,7 @@ def _freeze_heap(fast_exit: bool) -> bool:
 def _serve(config: ServerConfig) -> bool:
     """Become the server; returns in each executor, saying whether its fast exit is armed."""
     from prefork.server import autoreload as ar
-    from prefork.server import context, fastexit, learn
+    from prefork.server import context, fastexit, glibcsig, learn, procenv
     from prefork.server.log import ServerLog
     from prefork.server.loop import Server
 
@@ -246,6 +260,7 @@ def _serve(config: ServerConfig) -> bool:
     if config.autoreload and reload is None:
         reload = ar.Autoreload(spec.birth_ns, files)
     prctl = _load_prctl()
+    glibcsig.reset_internal_signals(_libc())
     sys.stdout.flush()
     sys.stderr.flush()
     _warn_threads(log)
@@ -279,6 +294,8 @@ def _serve(config: ServerConfig) -> bool:
         os._exit(1)
     # Only executors get here.
     _title(" ".join(os.fsdecode(a) for a in [sys.executable, *sys.argv]))
+    if _setproctitle:  # it moved the environment out of the original block: show it there
+        procenv.show_environ(os.environb)
     return fast
 
 

@@ -9,12 +9,14 @@ as CPython builds them, signal handlers as the script had them, no fd of the ser
 from __future__ import annotations
 
 import _signal
+import fcntl
 import io
 import os
 import resource
 import sys
 
 from prefork.common import protocol
+from prefork.server import glibcsig
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -251,8 +253,10 @@ def rebuild_stdio(closed_flags: int, plan: StdioPlan | None = None) -> None:
     sys.__stdin__, sys.__stdout__, sys.__stderr__ = streams  # type: ignore[misc]
 
 
-def install_fds(req: protocol.Request) -> None:
-    """Put the caller's fds on 0/1/2, enter its cwd (x1), close what was received."""
+def install_fds(req: protocol.Request) -> list[int]:
+    """Put the caller's fds on 0/1/2 and its other passed fds on their numbers (x1), enter
+    its cwd (x1), close what was received; return the passed fds' numbers that could not be
+    installed (held by the script since before initialisation, or over the fd limit)."""
     fds = req.fds
     for target in (0, 1, 2):
         if fds[target] != target:
@@ -261,12 +265,54 @@ def install_fds(req: protocol.Request) -> None:
             os.set_inheritable(target, True)
     if req.extended:
         os.fchdir(fds[3])
-    for fd in set(fds):
+    nfds = len(fds) - len(req.passed)
+    for fd in set(fds[:nfds]):
         if fd > 2:
             os.close(fd)
+    not_passed = install_passed(req.passed, fds[nfds:]) if req.passed else []
     for target in (0, 1, 2):
         if req.flags & (1 << target):
             os.close(target)
+    return not_passed
+
+
+def adopt_listen_pid(client_pid: int) -> None:
+    """Socket activation (``LISTEN_FDS`` from fd 3) is addressed to the pid the caller
+    started, ``LISTEN_PID``: the client's.  The script is that program, in this process:
+    make it its pid, or ``sd_listen_fds()`` ignores the passed sockets."""
+    if client_pid > 0 and os.environb.get(b"LISTEN_PID") == str(client_pid).encode():
+        os.environb[b"LISTEN_PID"] = str(os.getpid()).encode()
+
+
+def install_passed(targets: tuple[int, ...], received: list[int]) -> list[int]:
+    """``dup2`` each received fd onto its caller's number, inheritable (as it was in the
+    caller: the client inherited it), and close the received one.  A received fd sitting on
+    another's target number is first moved above them all.  A number the script already
+    holds keeps the script's fd: returned, with those over the fd limit."""
+    wanted = set(targets)
+    top = max(targets) + 1
+    moved = list(received)
+    for i, fd in enumerate(received):
+        if fd in wanted and fd != targets[i]:
+            moved[i] = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, top)
+            os.close(fd)
+    not_passed = []
+    for fd, target in zip(moved, targets, strict=True):
+        if fd == target:
+            os.set_inheritable(fd, True)
+            continue
+        try:
+            try:
+                os.get_inheritable(target)
+            except OSError:
+                os.dup2(fd, target, inheritable=True)
+            else:
+                not_passed.append(target)  # the script's own
+        except OSError:
+            not_passed.append(target)  # e.g. over RLIMIT_NOFILE
+        finally:
+            os.close(fd)
+    return not_passed
 
 
 def close_fds_except(keep: Iterable[int]) -> None:
@@ -352,6 +398,9 @@ def inherit_from_client(pid: int, prctl: Callable[..., int] | None = None) -> li
     for sig in _signals_in(masks.get(b"SigIgn", 0)):
         if sig in (_signal.SIGKILL, _signal.SIGSTOP):
             continue
+        if sig in glibcsig.GLIBC_INTERNAL:
+            glibcsig.set_ignored(sig)
+            continue
         try:
             if _signal.getsignal(sig) == _python_default(sig):
                 _signal.signal(sig, _signal.SIG_IGN)
@@ -385,12 +434,47 @@ def _signals_in(mask: int) -> list[int]:
     return [n + 1 for n in range(mask.bit_length()) if mask >> n & 1]
 
 
+def module_option(opts: list[str]) -> str | None:
+    """The module of ``-m MOD`` (or ``-mMOD``) among interpreter options, if any."""
+    for i, arg in enumerate(opts):
+        if arg.startswith("-") and not arg.startswith("--"):
+            for j, letter in enumerate(arg[1:], 2):
+                if letter in "cWX":
+                    break
+                if letter == "m":
+                    if j < len(arg):
+                        return arg[j:]
+                    return opts[i + 1] if i + 1 < len(opts) else None
+    return None
+
+
+def _module_args(argv: list[str], module: str) -> list[str] | None:
+    """The arguments of a call to run ``module`` (``INTERP -m MOD ARGS`` through the
+    client's plain form, ``INTERP MOD ARGS`` through ``-U,INTERP,-m``); None if the call
+    names another."""
+    rest = argv[1:]
+    if rest[:2] == ["-m", module]:
+        return rest[2:]
+    if rest[:1] == ["-m" + module] or rest[:1] == [module]:
+        return rest[1:]
+    return None
+
+
 def set_argv(req: protocol.Request) -> None:
     """``sys.argv == [script, *args]`` as in a direct run (the message starts with interp);
-    ``sys.orig_argv`` keeps the server's interpreter options (they are part of its ident)."""
+    ``sys.orig_argv`` keeps the server's interpreter options (they are part of its ident).
+    A server running a module (``-m MOD``) keeps ``sys.argv[0]``, the module's path as the
+    interpreter set it, as a direct ``python -m MOD`` has it."""
     argv = [os.fsdecode(a) for a in req.argv]
     orig = getattr(sys, "orig_argv", None)
     opts = interpreter_options(orig) if orig is not None else []
+    module = module_option(opts)
+    args = _module_args(argv, module) if module is not None else None
+    if args is not None:
+        sys.argv[1:] = args
+        if orig is not None:
+            orig[:] = [*argv[:1], *opts, *args]
+        return
     sys.argv[:] = argv[1:] if len(argv) > 1 else [""]
     if orig is not None:
         try:

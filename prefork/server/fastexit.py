@@ -169,12 +169,20 @@ def _unraisable(exc: BaseException, msg: str, obj: object) -> None:
     3.13 on, ``PyErr_WriteUnraisable(obj)`` before."""
     exc = _from_c(exc)
     new = sys.version_info >= (3, 13)
-    args = _unraisable_args_type()((type(exc), exc, exc.__traceback__, msg if new else None,
-                                    None if new else obj))
+    make = _unraisable_args_type()
+    args = make((type(exc), exc, exc.__traceback__, msg if new else None, None if new else obj))
+    hook = sys.unraisablehook
     try:
-        sys.unraisablehook(args)
-    except Exception:  # noqa: BLE001 - a failing hook falls back to the default one
-        sys.__unraisablehook__(args)
+        hook(args)
+    except BaseException as hook_exc:  # noqa: BLE001 - reported by the default hook instead
+        # As ``format_unraisable``: the hook's own failure goes to the default hook, and a
+        # failure of that one (stderr a closed pipe too) is ignored: it must not change the
+        # exit status (120), nor skip what comes after.
+        try:
+            sys.__unraisablehook__(make((type(hook_exc), hook_exc, hook_exc.__traceback__,
+                                         None, hook)))
+        except BaseException:  # noqa: BLE001
+            pass
 
 
 def _flush_io() -> None:

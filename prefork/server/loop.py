@@ -83,7 +83,7 @@ class Call:
 
     def __init__(self, sock: _socket.socket, x1: bool, now: float) -> None:
         self.sock: _socket.socket | None = sock
-        self.parser: protocol.RequestParser | None = protocol.RequestParser(x1)
+        self.parser: protocol.RequestParser | None = protocol.RequestParser(x1, x1)
         self.pid = 0
         self.extended = False
         self.deadline = now + REQUEST_TIMEOUT
@@ -518,7 +518,7 @@ class Server:
         sock.setblocking(False)
         call = Call(sock, True, self.last_activity)
         try:
-            sock.send(protocol.encode_greeting((protocol.X1_TOKEN,)))
+            sock.send(protocol.encode_greeting((protocol.X1_TOKEN, protocol.FDS_TOKEN)))
         except OSError as e:
             if e.errno not in (errno.EPIPE, errno.ECONNRESET):
                 self.log.warning(f"sending greeting failed: {e}")
@@ -558,7 +558,7 @@ class Server:
         sock = call.sock
         if sock is None:
             return  # forgotten earlier in this turn
-        maxfds = protocol.X1_FDS
+        maxfds = protocol.SCM_MAX_FD  # the passed fds (extension x1) come up to 253 a message
         # A request comes in several messages (a v1 client sends each fd on its own): read
         # on until the socket is empty, rather than one message per turn of the loop.
         for _ in range(_READS_PER_TURN):
@@ -767,7 +767,9 @@ class Server:
                                            with_env=spare.environ is not self.environ)
         try:
             sock.settimeout(HANDOVER_TIMEOUT)
-            fdio.send_fds(sock, message, req.fds)
+            nfds = len(req.fds) - len(req.passed)
+            fdio.send_fds(sock, message, req.fds[:nfds])
+            fdio.send_fd_chunks(sock, req.fds[nfds:], protocol.SCM_MAX_FD)
         except OSError as e:
             self.log.warning(f"ready executor {spare.pid} could not take a call ({e}): "
                              "replacing it")

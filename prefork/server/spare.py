@@ -16,7 +16,7 @@ import sys
 
 from prefork.common import fdio, protocol
 from prefork.common.consts import EXIT_FAILED
-from prefork.server import context, executor
+from prefork.server import context, executor, percall
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -89,6 +89,8 @@ def _receive_call(handover_sock: socket.socket) -> tuple[protocol.Request, bool]
     if len(head) < size:
         head += fdio.read_exactly(handover_sock, size - len(head))
     body = fdio.read_exactly(handover_sock, protocol.decode_handover_head(head))
+    fds += fdio.recv_fd_chunks(handover_sock, protocol.handover_passed_count(head),
+                               protocol.SCM_MAX_FD)
     handover_sock.close()
     return protocol.decode_handover(head, body, fds)
 
@@ -104,7 +106,9 @@ def _take_call(req: protocol.Request, with_env: bool, plan: executor.StdioPlan |
     else:
         skipped = environ_skipped
     context.sync_timezone()
-    executor.install_fds(req)
+    not_passed = executor.install_fds(req)
+    if req.passed:
+        executor.adopt_listen_pid(req.client_pid)
     if req.umask is not None:
         os.umask(req.umask)
     executor.set_argv(req)
@@ -112,5 +116,10 @@ def _take_call(req: protocol.Request, with_env: bool, plan: executor.StdioPlan |
     if skipped:
         print(f"prefork: warning: environment entries with invalid names dropped: "
               f"{skipped!r}", file=sys.stderr)
+    if not_passed:
+        print(f"prefork: warning: the caller's fds {not_passed} are not open in the script: "
+              "the script opened its own there before initialisation_complete(), or the "
+              "fd limit is lower", file=sys.stderr)
     # Blocked since before the fork; now the caller's mask, as across exec.
     _signal.pthread_sigmask(_signal.SIG_SETMASK, blocked)
+    percall.at_call()

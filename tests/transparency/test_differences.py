@@ -285,34 +285,6 @@ def test_process_title(make_probe: ProbeFactory) -> None:
     assert warm.out == b"[]\n"  # setproctitle is a dependency of the package
 
 
-def test_only_fds_0_1_2_are_passed(make_probe: ProbeFactory) -> None:
-    """The protocol passes the caller's fds 0, 1 and 2 only: other fds it left open (``3>file``,
-    a ``<(...)`` process substitution named as /dev/fd/N, a make jobserver, socket activation)
-    are not open in the executor."""
-    probe = make_probe(r'''
-        try:
-            os.write(3, b"")
-            print("fd 3 open")
-        except OSError as e:
-            print("fd 3:", e.strerror)
-        try:
-            with open(sys.argv[1]) as f:
-                print(f.read().strip())
-        except OSError as e:
-            print(sys.argv[1].startswith("/dev/fd/"), e.strerror)
-    ''')
-    outs = {}
-    for how in ("direct", "warm"):
-        probe.prepare(how)
-        rc, out, err = probe.procs.run(
-            ["bash", "-c", '"$@" <(echo substituted) 3>/dev/null', "bash", *probe.command(how)],
-            env=probe.env)
-        outs[how] = (rc, out, err)
-    assert outs["direct"] == (0, b"fd 3 open\nsubstituted\n", b"")
-    assert outs["warm"] == (0, b"fd 3: Bad file descriptor\nTrue No such file or directory\n",
-                            b"")
-
-
 def test_other_process_attributes_are_the_servers(make_probe: ProbeFactory) -> None:
     """Attributes the executor does not take from the client and that are not part of the
     context a server is chosen by (test_context.py) stay the server's: here the OOM score
