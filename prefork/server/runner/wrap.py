@@ -219,8 +219,12 @@ def make_wrapper(name: str, client: str | None, options: list[str] | None = None
         raise RunnerError(f"options for the #! line cannot hold commas or spaces: {options}")
     # The program's Python runs our (standard library only) server side from here:
     # nothing is installed in its environment, but it must be a Python we can run on.
-    check = subprocess.run([interp, *interp_args, BOOT, "--version"], capture_output=True,
-                           timeout=60, check=False, stdin=subprocess.DEVNULL)
+    try:
+        check = subprocess.run([interp, *interp_args, BOOT, "--version"], capture_output=True,
+                               timeout=60, check=False, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise RunnerError(f"{program} runs with {interp}, which cannot run {PROG} ({e})") \
+            from None
     if check.returncode != 0:
         why = check.stderr.decode("utf-8", "replace").strip().splitlines()
         raise RunnerError(f"{program} runs with {interp}, which cannot run {PROG} "
