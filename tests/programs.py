@@ -47,7 +47,7 @@ def program_venv(python: str, requirements: Sequence[str], timeout: float = 1200
                        stdin=subprocess.DEVNULL)
         got = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
                               "--disable-pip-version-check", *requirements],
-                             capture_output=True, text=True, timeout=timeout,
+                             check=False, capture_output=True, text=True, timeout=timeout,
                              stdin=subprocess.DEVNULL)
         if got.returncode != 0:
             raise RuntimeError(f"pip install {' '.join(requirements)} into {venv} failed:\n"

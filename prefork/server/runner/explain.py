@@ -77,8 +77,8 @@ def explain(script: Script, opts: argparse.Namespace) -> int:
     if opts.run_args is None:
         out.write("modules the script imports only while it runs are not preloaded: "
                   f"`{PROG} --explain SCRIPT -- ARGS` runs it once and lists them\n")
-        if opts.json:
-            json.dump({"text": out.getvalue()}, real_out)  # type: ignore[attr-defined]
+        if isinstance(out, io.StringIO):
+            json.dump({"text": out.getvalue()}, real_out)
         return 0
     if sys.stdout is not real_out:  # pragma: no cover - the preload replaced it
         sys.stdout = real_out
@@ -149,8 +149,7 @@ class _Recorder:
     def install(self) -> None:
         import atexit
 
-        import _frozen_importlib as bootstrap  # type: ignore[import-not-found]
-
+        bootstrap: Any = sys.modules["_frozen_importlib"]
         original = bootstrap._find_and_load
         original_register = atexit.register
         perf = time.perf_counter_ns
@@ -187,7 +186,7 @@ class _Recorder:
 
         self.original = original
         bootstrap._find_and_load = find_and_load
-        atexit.register = register
+        atexit.register = register  # type: ignore[assignment]
         sys.addaudithook(self._audit)
 
     def _audit(self, event: str, args: tuple[Any, ...]) -> None:
@@ -229,8 +228,7 @@ class _Recorder:
                     "first call")
 
     def uninstall(self) -> None:
-        import _frozen_importlib as bootstrap  # type: ignore[import-not-found]
-
+        bootstrap: Any = sys.modules["_frozen_importlib"]
         bootstrap._find_and_load = self.original
 
 
@@ -323,7 +321,7 @@ def _child_run(script: Script, module: types.ModuleType, report_w: int) -> int:
     except KeyboardInterrupt:
         status = 130
     recorder.uninstall()
-    threads, callbacks, fds = before
+    threads, _callbacks, fds = before
     threads_left = max(0, _task_count() - threads)
     thread_names = _thread_names()
     fds_left = [f"fd {fd} ({t})" for fd, t in sorted(_fd_targets().items())
@@ -398,7 +396,7 @@ def write_run_report(report: dict[str, Any], args: list[str], top: int = 15) -> 
         out.write(f"  {int(rec.get('total_ns', 0)) / 1e6:8.1f} ms  {rec['name']}{mark}\n")
     if records:
         costly = sorted(records, key=lambda r: -int(r.get("self_ns", 0)))[:top]
-        out.write(f"costliest by own time (as python -X importtime's 'self'):\n")
+        out.write("costliest by own time (as python -X importtime's 'self'):\n")
         for rec in costly:
             out.write(f"  {int(rec.get('self_ns', 0)) / 1e6:8.1f} ms  {rec['name']}\n")
     learn, refused = learnable(report)

@@ -239,16 +239,16 @@ def make_wrapper(name: str, client: str | None, options: list[str] | None = None
         learn, refused = learn_preloads([interp, *interp_args], program, options, learn_args)
         sys.stderr.write(f"{PROG}: a run of {name} with {learn_args!r} imported "
                          f"{len(learn)} module(s) that setup will preload\n")
-        for mod, why in refused:
-            sys.stderr.write(f"{PROG}: not preloaded: {mod}: {why}\n")
-        line: list[str] = []
+        for mod, reason in refused:
+            sys.stderr.write(f"{PROG}: not preloaded: {mod}: {reason}\n")
+        group: list[str] = []
         for mod in learn:
-            if line and sum(len(m) + 1 for m in line) + len(mod) > 70:
-                learned += f"{PRELOAD_MARKER.decode()} {' '.join(line)}\n"
-                line = []
-            line.append(mod)
-        if line:
-            learned += f"{PRELOAD_MARKER.decode()} {' '.join(line)}\n"
+            if group and sum(len(m) + 1 for m in group) + len(mod) > 70:
+                learned += f"{PRELOAD_MARKER.decode()} {' '.join(group)}\n"
+                group = []
+            group.append(mod)
+        if group:
+            learned += f"{PRELOAD_MARKER.decode()} {' '.join(group)}\n"
     return (f"{shebang}\n"
             f"{WRAP_MARKER.decode()}{program}\n"
             f"{learned}"
