@@ -276,12 +276,10 @@ def observe_run(script: Script, module: types.ModuleType) -> dict[str, Any]:
         finally:
             os._exit(status)
     os.close(report_w)
-    chunks = []
-    with open(report_r, "rb") as f:
-        chunks.append(f.read())
+    with open(report_r, "rb") as report_in:  # read to EOF before reaping: no pipe stall
+        data = report_in.read()
     _, wait_status = os.waitpid(pid, 0)
     elapsed = time.perf_counter_ns() - t0
-    data = b"".join(chunks)
     try:
         report: dict[str, Any] = json.loads(data) if data else {}
     except ValueError:
