@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from harness import CLIENT, ProcRegistry, find_python, scaled, write_script
+from harness import CLIENT, PYTHON, ProcRegistry, find_python, scaled, write_script
 from programs import program_venv
 
 from prefork.server.runner.wrap import BOOT
@@ -280,6 +280,23 @@ def test_refusals(env: dict[str, str], procs: ProcRegistry, tmp_path: Path) -> N
     assert status == 127 and b"cannot run /nonexistent/bin/python3, the Python named" in err
     status, _, err = procs.run([SERVER, "--wrap", gone], env=env)
     assert status == 1 and b"which cannot run prefork-server" in err
+
+
+def test_program_with_a_prefork_of_its_own(env: dict[str, str], procs: ProcRegistry,
+                                           tmp_path: Path) -> None:
+    """A program whose sys.path has another package named prefork is refused (it would get
+    ours), by name and path; ours, found again on sys.path, is no reason to refuse."""
+    other = tmp_path / "other" / "prefork"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("MINE = True\n")
+    script = write_script(tmp_path, "mine", "import prefork\nprint(prefork.MINE)\n",
+                          shebang=str(PYTHON))
+    penv = dict(env, PYTHONPATH=str(other.parent))
+    assert procs.run([PYTHON, script], env=penv)[:2] == (0, b"True\n")
+    status, out, err = procs.run([PYTHON, BOOT, script], env=penv)
+    assert (status, out) == (127, b"")
+    assert f"its environment has a package named prefork of its own ({other})".encode() in err
+    assert procs.run([PYTHON, BOOT, script], env=env)[:2] == (1, b"")  # ours: no MINE
 
 
 def test_server_side_is_standard_library_only(other_venv: Path) -> None:

@@ -7,8 +7,8 @@ submodules (the server side: standard library only) are found without touching
 ``sys.path``: the program sees the ``sys.path`` of a direct run (the entry the interpreter
 put first for this file, its directory, is replaced by the script's own directory, as
 ``python SCRIPT`` has it).  The one thing the program shares with us is the name: in this
-process ``prefork`` and its submodules in ``sys.modules`` are ours, so a program with a
-top-level package named ``prefork`` of its own would get ours (documented).
+process ``prefork`` and its submodules in ``sys.modules`` are ours, so a program whose
+environment has a package named ``prefork`` of its own is refused (``cli``).
 
 Standard library only, no ``prefork`` import before the package is loaded from here.
 """

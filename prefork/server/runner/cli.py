@@ -91,6 +91,24 @@ def _run_under(python: tuple[str, list[str]], argv: list[str]) -> None:
                           f"{e.strerror}", EXIT_FAILED) from None
 
 
+def _check_no_other_prefork(script: Script) -> None:
+    """Refuse a program whose environment has a ``prefork`` of its own (not a copy of this
+    package): in this process the name is ours, so it would import ours."""
+    from importlib.machinery import PathFinder
+
+    ours = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    spec = PathFinder.find_spec("prefork", sys.path[1:])
+    if spec is None or not spec.submodule_search_locations:
+        return
+    theirs = list(spec.submodule_search_locations)[0]
+    if os.path.realpath(theirs) == os.path.realpath(ours) or \
+            os.path.isfile(os.path.join(theirs, "server", "runner", "boot.py")):
+        return
+    raise RunnerError(f"{script.path}: its environment has a package named prefork of its "
+                      f"own ({theirs}), which this process's prefork would hide: run it "
+                      "directly", EXIT_FAILED)
+
+
 # ------------------------------------------------------------------ command line
 
 USAGE = f"""\
@@ -204,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             other = program_python(script.path, script.source)
             if other is not None:
                 _run_under(other, argv)
+        _check_no_other_prefork(script)
         if opts.explain:
             return explain(script, opts)
         if envspec.ENV_NAME in os.environ:
