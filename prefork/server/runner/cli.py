@@ -100,7 +100,7 @@ def _check_no_other_prefork(script: Script) -> None:
     spec = PathFinder.find_spec("prefork", sys.path[1:])
     if spec is None or not spec.submodule_search_locations:
         return
-    theirs = list(spec.submodule_search_locations)[0]
+    theirs = next(iter(spec.submodule_search_locations))
     if os.path.realpath(theirs) == os.path.realpath(ours) or \
             os.path.isfile(os.path.join(theirs, "server", "runner", "boot.py")):
         return
