@@ -18,6 +18,10 @@ that machine noise hits both sides; medians of many repetitions.  Sections:
 (i) scale: 1, 10 and 100 idle servers of trivial scripts, ours (our client) vs the reference
     (C client + Perl server): PSS and USS of all their processes, processes per server,
     inotify instances and watches; a warm call with 100 servers alive
+(r) real programs from PyPI (httpie, docutils, pygments, flake8, pylint, black) in a venv of
+    their own: direct, warm through a ``--wrap`` wrapper (as it comes, and with the run-time
+    imports found by ``--wrap NAME -- ARGS``), and the floor (a warm trivial call plus the
+    program's second run in one process)
 
 Each section works in its own short directory under /tmp (scripts, cwd, run directory) and
 stops its servers at the end (``--kill``), then checks that no process referring to that
@@ -1024,6 +1028,142 @@ def bench_scale(res: Results, reps: int, counts: Sequence[int] = SCALE_COUNTS) -
                     f"{ref_one:.2f} / {ref_many:.2f} ms")
 
 
+# ------------------------------------------------------------------ (r) real programs
+
+#: Real programs from PyPI, each in a venv of its own (never ours: nothing of prefork-interp
+#: installed there), built once under .venv-programs/ (tests/programs.py).
+REAL_REQUIREMENTS = ["httpie", "docutils", "pygments", "flake8", "pylint", "black"]
+
+#: name -> (program, args): realistic inputs, files from this repository copied into the
+#: section's directory (``in.rst``: a manual page's source; ``in.py``: a 230-line module).
+REAL_PROGRAMS: dict[str, tuple[str, list[str]]] = {
+    "httpie": ("http", ["--offline", "--ignore-stdin", "POST", "api.example.org/items",
+                        "name=widget", "count:=3", "tags:=[\"a\",\"b\"]", "X-Token:abc"]),
+    "docutils": ("rst2html", ["in.rst"]),
+    "pygments": ("pygmentize", ["-l", "python", "-f", "html", "-O", "full", "in.py"]),
+    "flake8": ("flake8", ["--max-line-length=100", "in.py"]),
+    "pylint": ("pylint", ["-sn", "--disable=C,R", "in.py"]),
+    "black": ("black", ["--check", "in.py"]),
+}
+
+#: Runs a program's script twice in one process and prints the second run's seconds: what
+#: a call costs once everything (imports, lazily built state) is warm.
+FLOOR_PY = """\
+import os, runpy, sys, time
+prog, args = sys.argv[1], sys.argv[2:]
+null = os.open(os.devnull, os.O_WRONLY)
+saved = os.dup(1), os.dup(2)
+def once():
+    sys.argv = [prog, *args]
+    os.dup2(null, 1); os.dup2(null, 2)
+    t0 = time.perf_counter()
+    try:
+        runpy.run_path(prog, run_name="__main__")
+    except SystemExit:
+        pass
+    for s in (sys.stdout, sys.stderr):
+        s.flush()
+    dt = time.perf_counter() - t0
+    os.dup2(saved[0], 1); os.dup2(saved[1], 2)
+    return dt
+once()
+print(once())
+os._exit(0)
+"""
+
+
+def _real_venv() -> Path:
+    sys.path.insert(0, str(REPO / "tests"))
+    from programs import program_venv
+
+    return program_venv(PYTHON, REAL_REQUIREMENTS)
+
+
+def _result(argv: list[str], env: dict[str, str]) -> tuple[int, bytes, bytes]:
+    p = subprocess.run(argv, env=env, capture_output=True, check=False, timeout=300,
+                       stdin=subprocess.DEVNULL)
+    return p.returncode, p.stdout, p.stderr
+
+
+def bench_real(res: Results, reps: int) -> None:
+    """(r): real programs from PyPI: direct, warm through a ``--wrap`` wrapper (as it comes,
+    and made with ``--wrap NAME -- ARGS``: the run-time imports preloaded), and the floor (a
+    warm trivial call plus the program's second run in one process)."""
+    venv = _real_venv()
+    vpy = str(venv / "bin" / "python")
+    with section("r") as sec:
+        shutil.copy(REPO / "docs" / "man" / "prefork-server.rst", "in.rst")
+        shutil.copy(REPO / "prefork" / "server" / "runner" / "preload.py", "in.py")
+        floor_py = write_script(sec.dir, "floor.py", vpy, FLOOR_PY)
+        trivial = write_script(sec.dir, "trivial", vpy, "pass\n")
+        server = str(VENV_BIN / "prefork-server")
+
+        def wrap(name: str, target: str, extra: list[str]) -> str:
+            path = os.path.join(sec.dir, name)
+            with open(path, "wb") as f:
+                got = subprocess.run([server, "--wrap", target, *extra], env=sec.env,
+                                     stdout=f, stderr=subprocess.PIPE, timeout=600,
+                                     check=False, stdin=subprocess.DEVNULL)
+            if got.returncode != 0:
+                raise BenchError(f"--wrap {target}: {got.stderr.decode()[-2000:]}")
+            os.chmod(path, 0o755)
+            return path
+
+        # The wrappers' servers (interpreter arguments in their #! lines): all of this
+        # section's run directory is stopped at its end.
+        sec.kills.append([str(VENV_BIN / "prefork-ctl"), "kill", "--all", "-t", "5"])
+        triv_w = wrap("w-trivial", trivial, [])
+        triv_cmd = Cmd([triv_w], sec.env, sec.err)
+        triv = interleaved({"t": triv_cmd}, reps)["t"]
+        trivial_ms = med_ms(triv)
+        res.facts["real_trivial"] = trivial_ms
+        s = (f"(r) real programs from PyPI, unmodified, in their own venv (nothing of ours "
+             f"installed); warm trivial call {trivial_ms:.1f} ms")
+        ratios: list[float] = []
+        shares: list[float] = []
+        all_same = True
+        for label, (prog, args) in REAL_PROGRAMS.items():
+            path = str(venv / "bin" / prog)
+            plain = wrap(f"w-{prog}", path, [])
+            learned = wrap(f"l-{prog}", path, ["--", *args])
+            want = _result([path, *args], sec.env)
+            same = all(_result([w, *args], sec.env) == want
+                       for w in (plain, plain, learned, learned))  # cold, warm each
+            all_same = all_same and same
+            ok = (want[0] << 8,)
+            cmds: dict[str, Callable[[], float]] = {
+                "direct": Cmd([path, *args], sec.env, sec.err, ok),
+                "plain": Cmd([plain, *args], sec.env, sec.err, ok),
+                "learned": Cmd([learned, *args], sec.env, sec.err, ok),
+            }
+            t = interleaved(cmds, reps)
+            second = statistics.median(float(output_of([floor_py, path, *args], sec.env))
+                                       for _ in range(max(3, reps // 4))) * 1000
+            d, p, lw = med_ms(t["direct"]), med_ms(t["plain"]), med_ms(t["learned"])
+            floor = trivial_ms + second
+            ratio, floor_ratio = d / lw, d / floor
+            share = (ratio - 1) / (floor_ratio - 1) if floor_ratio > 1 else 1.0
+            ratios.append(ratio)
+            shares.append(share)
+            res.facts[f"real_{label}"] = ratio
+            what = f"{label}: {prog} {' '.join(args)}"
+            res.add(s, f"{what} -- direct", f"{d:.1f} ms")
+            res.add(s, f"{label}: --wrap {prog} (warm)", f"{p:.1f} ms", f"{d / p:.1f}x",
+                    "(before)")
+            res.add(s, f"{label}: --wrap {prog} -- ARGS (warm, run-time imports preloaded)",
+                    f"{lw:.1f} ms", f"{ratio:.1f}x", "share >= 60%",
+                    f"{verdict(share >= 0.6)} ({share:.0%})")
+            res.add(s, f"{label}: floor (trivial call + second run in one process)",
+                    f"{floor:.1f} ms", f"{floor_ratio:.1f}x", "(floor)",
+                    "" if same else "OUTPUT DIFFERS")
+        med = statistics.median(ratios)
+        res.add(s, "median speed-up, --wrap -- ARGS, warm", "", f"{med:.1f}x", ">= 4x",
+                verdict(med >= 4))
+        res.add(s, "output and exit status byte-identical to direct, cold and warm", "",
+                "", "all", verdict(all_same))
+        res.facts["real_median"] = med
+
+
 # ------------------------------------------------------------------ output
 
 
@@ -1239,8 +1379,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="few repetitions (a smoke test)")
     ap.add_argument("--no-write", action="store_true", help="do not write docs/")
-    ap.add_argument("--only", default="apbcefghi", help="sections to run (default all: "
-                    "apbcefghi; c includes d)")
+    ap.add_argument("--only", default="apbcefghir", help="sections to run (default all: "
+                    "apbcefghir; c includes d)")
     ns = ap.parse_args()
     for p in (PYTHON, CLIENT, C_CLIENT, PERL):
         if not os.access(p, os.X_OK):
@@ -1260,6 +1400,7 @@ def main() -> int:
         ("g", lambda: bench_autoreload(res, 200 if q else 5000)),
         ("h", lambda: bench_exceptions(res, 5 if q else 21)),
         ("i", lambda: bench_scale(res, 20 if q else 200, (1, 10) if q else SCALE_COUNTS)),
+        ("r", lambda: bench_real(res, 5 if q else 15)),
     ]
     for name, step in steps:
         if name not in ns.only:

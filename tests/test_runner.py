@@ -24,6 +24,7 @@ from prefork.common.ident import RUNDIR_ENV, lock_path, log_path, socket_path
 from prefork.server import runner
 
 SERVER = VENV_BIN / "prefork-server"
+BOOT = REPO / "prefork" / "server" / "runner" / "boot.py"
 PYGMENTIZE = VENV_BIN / "pygmentize"
 RST2HTML = VENV_BIN / "rst2html"
 
@@ -129,7 +130,7 @@ def test_real_program_through_a_wrapper(program: str, inputs: Path, rundir: str,
     assert (status, err) == (0, b"")
     wrapper.chmod(0o755)
     first = wrapper.read_text().splitlines()[0]
-    assert first == f"#!{CLIENT} -U,{PYTHON},-m,prefork.server"
+    assert first == f"#!{CLIENT} -U,{PYTHON},{BOOT}"
     path = str(VENV_BIN / program)
     for args, stdin in PROGRAM_CASES[program]:
         same(procs, [path, *args], [wrapper, *args], env, input=stdin, cwd=str(inputs))
@@ -416,9 +417,10 @@ def test_wrap_errors_and_path_search(env: dict[str, str], procs: ProcRegistry,
     status, out, err = procs.run([SERVER, "--wrap", "no-such-program-xyz"], env=wenv)
     assert (status, out) == (1, b"") and b"no such program on PATH" in err
     status, out, err = procs.run([SERVER, "--wrap", "shell-prog"], env=wenv)
-    assert (status, out) == (1, b"") and b"cannot import prefork" in err
+    assert (status, out) == (1, b"") and b"not a Python program: its #! line runs /bin/sh" \
+        in err
     status, out, err = procs.run([SERVER, "--wrap", "/bin/true"], env=wenv)
-    assert (status, out) == (1, b"") and b"no #! line" in err
+    assert (status, out) == (1, b"") and b"/bin/true is a binary, not a Python program" in err
     # `prefork-server --wrap pygmentize > BINDIR/pygmentize`: the shell has made our output
     # file (empty, maybe executable from last time) first on PATH.
     target = bindir / "pygmentize"
@@ -432,7 +434,7 @@ def test_wrap_errors_and_path_search(env: dict[str, str], procs: ProcRegistry,
                                  env=wenv)
     assert status == 0, err
     assert f"prefork-server-wrap: {PYGMENTIZE}" in out.decode()
-    assert out.decode().splitlines()[0].endswith(",-m,prefork.server,--preload,json")
+    assert out.decode().splitlines()[0].endswith(f",{BOOT},--preload,json")
 
 
 def test_usage(env: dict[str, str], procs: ProcRegistry) -> None:

@@ -10,7 +10,7 @@ from prefork.common.consts import EXIT_FAILED
 from prefork.server.runner.explain import explain
 from prefork.server.runner.preload import Capture, plan_preload, preload_one, replay
 from prefork.server.runner.script import PROG, RunnerError, Script, enter, run
-from prefork.server.runner.wrap import make_wrapper
+from prefork.server.runner.wrap import BOOT, make_wrapper, program_python
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -81,12 +81,44 @@ def run_direct(script: Script, opts: argparse.Namespace) -> None:
     run(script, enter(script, opts.args))
 
 
+def _run_under(python: tuple[str, list[str]], argv: list[str]) -> None:
+    """Start again under the script's own Python (its ``#!`` line names another one), by
+    ``boot.py``: nothing of ours needs to be installed there.  The process, its fds (those
+    named in PREFORK_INTERP) and its environment stay; only the interpreter changes."""
+    interp, interp_args = python
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execv(interp, [interp, *interp_args, BOOT, "--python-checked", *argv])
+    except OSError as e:
+        raise RunnerError(f"cannot run {interp}, the Python named by the script's #! line: "
+                          f"{e.strerror}", EXIT_FAILED) from None
+
+
+def _check_no_other_prefork(script: Script) -> None:
+    """Refuse a program whose environment has a ``prefork`` of its own (not a copy of this
+    package): in this process the name is ours, so it would import ours."""
+    from importlib.machinery import PathFinder
+
+    ours = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    spec = PathFinder.find_spec("prefork", sys.path[1:])
+    if spec is None or not spec.submodule_search_locations:
+        return
+    theirs = next(iter(spec.submodule_search_locations))
+    if os.path.realpath(theirs) == os.path.realpath(ours) or \
+            os.path.isfile(os.path.join(theirs, "server", "runner", "boot.py")):
+        return
+    raise RunnerError(f"{script.path}: its environment has a package named prefork of its "
+                      f"own ({theirs}), which this process's prefork would hide: run it "
+                      "directly", EXIT_FAILED)
+
+
 # ------------------------------------------------------------------ command line
 
 USAGE = f"""\
 {PROG} [OPTIONS] SCRIPT [ARGS ...]
-       {PROG} --explain [OPTIONS] SCRIPT [ARGS ...]
-       {PROG} --wrap NAME [--client PATH] [--preload MODULE ..] > WRAPPER"""
+       {PROG} --explain [OPTIONS] SCRIPT [-- ARGS ...]
+       {PROG} --wrap NAME [--client PATH] [--preload MODULE ..] [-- ARGS ...] > WRAPPER"""
 
 DESCRIPTION = """\
 Runs an unmodified Python script (or an installed program's script) fast under prefork-interp:
@@ -97,7 +129,10 @@ it), then each call forks a warm copy that runs the script as __main__.  Use as
   prefork-interp -U prefork-server "$(command -v PROGRAM)" ARGS ...
   prefork-server --wrap PROGRAM > ~/bin/PROGRAM && chmod +x ~/bin/PROGRAM
 
-Without PREFORK_INTERP in the environment (run by hand) it runs the script directly."""
+A script whose #! line names another Python (another venv's, the distribution's) runs under
+that one, with nothing of prefork-interp installed there; a program that is not Python is
+refused.  Without PREFORK_INTERP in the environment (run by hand) it runs the script
+directly."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -118,10 +153,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="restart the server when PATH changes too (repeatable)")
     p.add_argument("--explain", action="store_true",
                    help="print what setup would preload and why, the time each import "
-                        "takes, and threads or files left by the preload; run nothing")
+                        "takes, and threads or files left by the preload; with -- ARGS, "
+                        "also run the script once (in a child) and report what it imported "
+                        "while running, their cost, and what learning would preload")
+    p.add_argument("--json", action="store_true",
+                   help="with --explain: print one JSON object (for tools)")
     p.add_argument("--wrap", metavar="NAME",
                    help="print a #! wrapper running program NAME (on PATH, or a path) "
-                        "through prefork-interp with its own environment's Python")
+                        "through prefork-interp with its own environment's Python (nothing "
+                        "installed there); with -- ARGS, run it once with ARGS and list "
+                        "the modules it imported while running in the wrapper, to preload")
+    p.add_argument("--python-checked", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--client", metavar="PATH",
                    help="with --wrap: the prefork-interp to put in the #! line")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -146,10 +188,15 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
 def parse(argv: list[str]) -> argparse.Namespace:
     """Options and the script; exits 2 (argparse) on a usage error."""
     ours, rest = split_argv(argv)
+    dashdash = argv[len(ours):len(ours) + 1] == ["--"]
     parser = _parser()
     opts = parser.parse_args(ours)
+    opts.learn_args = None
+    if opts.wrap is not None and dashdash:
+        opts.learn_args, rest = rest, []
     opts.script = rest[0] if rest else None
     opts.args = rest[1:]
+    opts.run_args = opts.args[1:] if opts.explain and opts.args[:1] == ["--"] else None
     if opts.wrap is None and opts.script is None:
         parser.error("no SCRIPT given")
     if opts.wrap is not None and opts.script is not None:
@@ -158,6 +205,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         parser.error("--client goes with --wrap")
     if opts.wrap is not None and opts.explain:
         parser.error("--explain takes a SCRIPT, not --wrap")
+    if opts.json and not opts.explain:
+        parser.error("--json goes with --explain")
     return opts
 
 
@@ -165,16 +214,22 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``prefork-server`` (and ``python -m prefork.server``)."""
     from prefork.common import envspec
 
-    opts = parse(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    opts = parse(argv)
     try:
         if opts.wrap is not None:
             passed = [w for m in opts.preload for w in ("--preload", m)]
             passed += ["--no-preload"] if opts.no_preload else []
             passed += ["--no-learn"] if opts.no_learn else []
             passed += [w for p in opts.reload_also for w in ("--reload-also", p)]
-            sys.stdout.write(make_wrapper(opts.wrap, opts.client, passed))
+            sys.stdout.write(make_wrapper(opts.wrap, opts.client, passed, opts.learn_args))
             return 0
         script = Script(opts.script)
+        if not opts.python_checked:
+            other = program_python(script.path, script.source)
+            if other is not None:
+                _run_under(other, argv)
+        _check_no_other_prefork(script)
         if opts.explain:
             return explain(script, opts)
         if envspec.ENV_NAME in os.environ:

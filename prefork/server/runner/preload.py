@@ -224,4 +224,7 @@ def plan_preload(script: Script, preload: list[str], scan: bool) -> list[Found]:
     found = find_imports(script.source, script.path) if scan else []
     names = {f.name for f in found}
     found += [Found(m, "--preload") for m in preload if m not in names]
+    names |= set(preload)
+    found += [Found(m, "the wrapper (learned from a run)") for m in script.preload
+              if m not in names]
     return found

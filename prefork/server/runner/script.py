@@ -20,6 +20,8 @@ EXIT_ERROR = 1
 
 #: Second or third line of a wrapper made by ``--wrap``: the program it stands for.
 WRAP_MARKER = b"# prefork-server-wrap: "
+#: Marks the modules a wrapper preloads in setup (learned by ``--wrap NAME -- ARGS``).
+PRELOAD_MARKER = b"# prefork-server-preload:"
 #: How many bytes of a program are read to find its ``#!`` line and our marker.
 HEAD = 4096
 
@@ -47,8 +49,11 @@ class Script:
             raise RunnerError(f"{sys.executable}: can't open file {path!r}: "
                               f"[Errno {e.errno}] {e.strerror}", EXIT_USAGE, bare=True) from None
         target = wrapped_target(source)
+        #: Modules the wrapper names for setup to preload.
+        self.preload: list[str] = []
         if target is not None:
             self.wrapper = path
+            self.preload = wrapper_preloads(source)
             path = os.path.abspath(target)
             try:
                 with open(path, "rb") as f:
@@ -82,6 +87,17 @@ def wrapped_target(source: bytes) -> str | None:
         if line.startswith(WRAP_MARKER):
             return os.fsdecode(line[len(WRAP_MARKER):].rstrip(b"\r"))
     return None
+
+
+def wrapper_preloads(source: bytes) -> list[str]:
+    """The modules a wrapper's preload lines name (the comment block after its ``#!``)."""
+    names: list[str] = []
+    for line in source.split(b"\n")[1:]:
+        if line.startswith(PRELOAD_MARKER):
+            names += os.fsdecode(line[len(PRELOAD_MARKER):]).split()
+        elif not line.startswith(b"#"):
+            break
+    return names
 
 
 def main_module(path: str) -> types.ModuleType:
