@@ -34,7 +34,6 @@ from prefork.client.wire import (
     NoGreeting,
     Redirected,
     ScriptEnded,
-    caller_env,
     peer_creds,
     read_status_v1,
     send_request,
@@ -469,34 +468,6 @@ def inherited_fds() -> list[int]:
     return fds
 
 
-def run_directly(opts: Options) -> None:
-    """``PREFORK_INTERP_DIRECT``: exec the interpreter on the script, as a direct run (the
-    controlling terminal, ``/dev/tty`` prompts, job control), in the caller's environment
-    as it came (not the one this interpreter's start-up coerced); the interpreter is looked
-    up in ``PATH`` as the cold path's spawn does.  Returns only by raising ``ClientError``."""
-    argv = [opts.interp, *opts.interp_args]
-    if opts.script is not None:
-        argv.append(opts.script)
-    argv += opts.args
-    env = {}
-    for entry in caller_env():
-        name, _, value = entry.partition(b"=")
-        env[name] = value
-    interp = fsencode(opts.interp)
-    if b"/" in interp:
-        paths = [interp]
-    else:
-        paths = [(d or b".") + b"/" + interp
-                 for d in env.get(b"PATH", b"/usr/local/bin:/usr/bin:/bin").split(b":")]
-    error: OSError | None = None
-    for path in paths:
-        try:
-            posix.execve(path, argv, env)
-        except OSError as e:
-            error = error if isinstance(e, FileNotFoundError) and error else e
-    raise ClientError(f"execute {opts.interp}: {error.strerror if error else 'not found'}")
-
-
 def _fds_to_pass(offer: frozenset[bytes], passed: list[int]) -> list[int]:
     """The caller's other fds to pass, if the server takes them (``prefork-fds``)."""
     if protocol.FDS_TOKEN not in offer:
@@ -515,43 +486,37 @@ def run(argv: list[str]) -> int:
     ignored = _caller_ignored_signals()
     opts = parse_args(argv)
     if posix.environ.get(b"PREFORK_INTERP_DIRECT") and not opts.kill:
-        run_directly(opts)
+        # A direct run (the controlling terminal, /dev/tty prompts, job control).
+        from prefork.client import direct
+
+        direct.run_directly(_setup_argv(opts), closed)
     base = run_base()
     if opts.kill:
         from prefork.client import start
 
         start.kill_server(base, server_ident(opts, base))
         return 0
-    try:
-        sock, offer = connect_or_spawn(opts, base)
-    except ScriptEnded as e:
-        return e.status
-    if protocol.X1_TOKEN not in offer:
-        send_request(sock, _request_argv(opts), False, closed)
-        return read_status_v1(sock)
-    wake_r = forward_signals(ignored)
-    send_request(sock, _request_argv(opts), True, closed | protocol.FLAG_FOLLOWS_REDIRECT,
-                 _fds_to_pass(offer, passed))
-    try:
-        return x1_call_loop(sock, wake_r)
-    except Redirected as r:
-        sock.close()
-        # The server of the caller's context (see prefork.server.context), started here
-        # if there is none; if it cannot run the call either, the interpreter runs directly.
-        opts.ident = context_ident(base, server_ident(opts, base), r.code)
-    try:
-        sock, offer = connect_or_spawn(opts, base)
-    except ScriptEnded as e:
-        return e.status
-    if protocol.X1_TOKEN not in offer:
-        send_request(sock, _request_argv(opts), False, closed)
-        return read_status_v1(sock)
-    send_request(sock, _request_argv(opts), True, closed | protocol.FLAG_FOLLOWS_REDIRECT,
-                 _fds_to_pass(offer, passed))
-    try:
-        return x1_call_loop(sock, wake_r)
-    except Redirected:
-        sock.close()
+    wake_r = -1
+    for _attempt in range(2):
+        try:
+            sock, offer = connect_or_spawn(opts, base)
+        except ScriptEnded as e:
+            return e.status
+        if protocol.X1_TOKEN not in offer:
+            send_request(sock, _request_argv(opts), False, closed)
+            return read_status_v1(sock)
+        if wake_r < 0:
+            wake_r = forward_signals(ignored)
+        send_request(sock, _request_argv(opts), True, closed | protocol.FLAG_FOLLOWS_REDIRECT,
+                     _fds_to_pass(offer, passed))
+        try:
+            return x1_call_loop(sock, wake_r)
+        except Redirected as r:
+            sock.close()
+            # The server of the caller's context (see prefork.server.context), started
+            # here if there is none; if it cannot run the call either, the interpreter
+            # runs directly.
+            opts.ident = context_ident(base, server_ident(opts, base), r.code)
     from prefork.client import direct
 
     direct.run_directly(_setup_argv(opts), closed)

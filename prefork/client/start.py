@@ -27,7 +27,7 @@ from prefork.client.wire import (
     read_greeting,
     try_connect,
 )
-from prefork.common import envspec, fdio, locking, paths
+from prefork.common import envspec, fdio, locking, paths, protocol
 from prefork.common.consts import SUN_PATH_MAX
 from prefork.common.ident import RUNDIR_ENV, lock_path, socket_path
 
@@ -181,16 +181,9 @@ def _spawn_watcher(sock_path: str) -> tuple[int, int]:
             msg = ""
         os.close(watch_in_w)
         os.close(watch_err_r)
-        raise ClientError(f"watcher failed ({_describe(status)}): {msg or 'no message'}")
+        why = protocol.describe_status(status)
+        raise ClientError(f"watcher failed ({why}): {msg or 'no message'}")
     return watch_in_w, watch_err_r
-
-
-def _describe(status: int) -> str:
-    if os.WIFEXITED(status):
-        return f"exit status {os.WEXITSTATUS(status)}"
-    if os.WIFSIGNALED(status):
-        return f"killed by signal {os.WTERMSIG(status)}"
-    return f"wait status {status:#x}"
 
 
 def _wait_readable(fd: int, deadline: float | None) -> bool:
@@ -241,13 +234,14 @@ def _start(setup_argv: list[str], sock_path: str, timeout: float | None) -> Conn
                 # The script's own traceback is already on the caller's stderr: say what it
                 # means; the client then exits as the script did.
                 try:
-                    os.write(2, (f"prefork-interp: setup failed: the script ended "
-                                 f"({_describe(status)}) before prefork.initialisation_complete() "
-                                 f"made it a server\n" + _interp_hint(setup_argv[0])).encode())
+                    why = protocol.describe_status(status)
+                    os.write(2, (f"prefork-interp: setup failed: the script ended ({why}) "
+                                 f"before prefork.initialisation_complete() made it a server\n"
+                                 + _interp_hint(setup_argv[0])).encode())
                 except OSError:
                     pass
                 raise ScriptEnded(status)
-            raise ClientError(f"setup failed ({_describe(status)})")
+            raise ClientError(f"setup failed ({protocol.describe_status(status)})")
         if not _wait_readable(call_client.fileno(), deadline):
             raise ClientError(f"setup timed out: no greeting from the server within "
                               f"{timeout:g}s (set {SETUP_TIMEOUT_ENV} to wait longer)")

@@ -353,12 +353,31 @@ class RequestParser:
             else:
                 raise ProtocolError(f"signalling byte is {sig:#04x}, not zero")
         need = self._need_fds()
+        if len(buf) >= self._wait:
+            req = self._parse(buf, need)
+            if req is not None:
+                return req
+        # Waiting for more bytes: no more fds than those already due may have come (the
+        # passed ones ride on bytes after the extension block).
         limit = need if self._fd_limit is None else self._fd_limit
         if len(self.fds) > limit:
             raise ProtocolError(f"{len(self.fds)} fds received, expected {limit}")
-        if len(buf) < self._wait:
+        return None
+
+    def _span(self, buf: bytearray, pos: int, limit: int, what: str, the: str) -> int | None:
+        """The ``u32be`` length at ``pos`` once it and the bytes it counts have all arrived
+        (else None, and ``_wait`` says how many bytes are needed); ``ProtocolError`` over
+        ``limit``."""
+        if len(buf) < pos + 4:
+            self._wait = pos + 4
             return None
-        return self._parse(buf, need)
+        (size,) = U32BE.unpack_from(buf, pos)
+        if size > limit:
+            raise ProtocolError(f"{what} {size} exceeds {the}{limit}")
+        if len(buf) < pos + 4 + size:
+            self._wait = pos + 4 + size
+            return None
+        return size
 
     def _parse(self, buf: bytearray, need: int) -> Request | None:
         fd_bytes = 1 if self.extended else V1_FDS
@@ -370,16 +389,10 @@ class RequestParser:
             raise ProtocolError(f"only {len(self.fds)} fds received, expected {need}")
         if buf[1:pos] != b"\0" * fd_bytes:
             raise ProtocolError("fd-carrying bytes are not zero")
-        if len(buf) < pos + 4:
-            self._wait = pos + 4
+        mlen = self._span(buf, pos, MAX_MESSAGE, "message length", "the limit ")
+        if mlen is None:
             return None
-        (mlen,) = U32BE.unpack_from(buf, pos)
-        if mlen > MAX_MESSAGE:
-            raise ProtocolError(f"message length {mlen} exceeds the limit {MAX_MESSAGE}")
         pos += 4
-        if len(buf) < pos + mlen:
-            self._wait = pos + mlen
-            return None
         if self._message is None:  # decoded once, and rejected as soon as it is all here
             self._message = decode_message(bytes(buf[pos : pos + mlen]))
         env, argv = self._message
@@ -388,16 +401,10 @@ class RequestParser:
         flags = cpid = 0
         passed: tuple[int, ...] = ()
         if self.extended:
-            if len(buf) < pos + 4:
-                self._wait = pos + 4
+            xlen = self._span(buf, pos, MAX_XDATA, "extension block length", "")
+            if xlen is None:
                 return None
-            (xlen,) = U32BE.unpack_from(buf, pos)
-            if xlen > MAX_XDATA:
-                raise ProtocolError(f"extension block length {xlen} exceeds {MAX_XDATA}")
             pos += 4
-            if len(buf) < pos + xlen:
-                self._wait = pos + xlen
-                return None
             block = bytes(buf[pos : pos + xlen])
             umask, flags, cpid = decode_ext(block)
             pos += xlen
@@ -534,3 +541,14 @@ def decode_handover(head: bytes, body: bytes, fds: list[int]) -> tuple[Request, 
     req = Request(extended, fds, env, argv, umask if bits & HANDOVER_UMASK else None,
                   int(flags), int(pid), passed)
     return req, bool(bits & HANDOVER_ENV)
+
+
+def describe_status(status: int, *, short: bool = False) -> str:
+    """A wait status in words: ``exit status 3`` / ``killed by signal 9`` (``short``:
+    ``exit 3`` / ``signal 9``, as the server's call log has them)."""
+    if status & 0x7F == 0:  # WIFEXITED
+        return f"exit {status >> 8 & 0xFF}" if short else f"exit status {status >> 8 & 0xFF}"
+    if (status & 0x7F) != 0x7F:  # WIFSIGNALED
+        sig = status & 0x7F
+        return f"signal {sig}" if short else f"killed by signal {sig}"
+    return f"status {status:#x}" if short else f"wait status {status:#x}"

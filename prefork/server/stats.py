@@ -26,6 +26,7 @@ import os
 import sys
 import time
 
+from prefork.common import protocol
 from prefork.common.consts import stat_name
 
 TYPE_CHECKING = False
@@ -57,15 +58,6 @@ class _Bucket:
             self.tokens -= 1.0
             return True
         return False
-
-
-def describe_status(status: int) -> str:
-    """``exit 0``, ``exit 3``, ``signal 9``: a wait status in a word or two."""
-    if os.WIFEXITED(status):
-        return f"exit {os.WEXITSTATUS(status)}"
-    if os.WIFSIGNALED(status):
-        return f"signal {os.WTERMSIG(status)}"
-    return f"status {status:#x}"
 
 
 def _interp_argv() -> list[str] | None:
@@ -175,8 +167,8 @@ class CallStats:
                         f"{self.dropped_failed} of them failed)")
                 self.dropped = self.dropped_failed = 0
             who = f" client {client}" if client else ""
-            line = (f"call {argv0!r}{who} executor {pid}: {describe_status(status)} "
-                    f"in {secs * 1000:.1f} ms{note}")
+            how = protocol.describe_status(status, short=True)
+            line = f"call {argv0!r}{who} executor {pid}: {how} in {secs * 1000:.1f} ms{note}"
             if ok:
                 self.log.info(line)
             else:
@@ -190,7 +182,8 @@ class CallStats:
         if self.last is not None:
             end, argv0, status, secs = self.last
             facts.update(last_call=round(end, 3), last_argv0=argv0,
-                         last_status=describe_status(status), last_seconds=round(secs, 4))
+                         last_status=protocol.describe_status(status, short=True),
+                         last_seconds=round(secs, 4))
         return json.dumps(facts, ensure_ascii=True) + "\n"
 
     def write(self) -> None:

@@ -35,6 +35,15 @@ class RunnerError(Exception):
         self.status = status
 
 
+def _read(path: str) -> tuple[bytes, OSError | None]:
+    """The file's bytes, or why it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(), None
+    except OSError as e:
+        return b"", e
+
+
 class Script:
     """The file to run, as a direct ``python SCRIPT`` would see it."""
 
@@ -42,12 +51,10 @@ class Script:
         self.given = given
         self.wrapper: str | None = None
         path = os.path.abspath(given)
-        try:
-            with open(path, "rb") as f:
-                source = f.read()
-        except OSError as e:
+        source, e = _read(path)
+        if e is not None:
             raise RunnerError(f"{sys.executable}: can't open file {path!r}: "
-                              f"[Errno {e.errno}] {e.strerror}", EXIT_USAGE, bare=True) from None
+                              f"[Errno {e.errno}] {e.strerror}", EXIT_USAGE, bare=True)
         target = wrapped_target(source)
         #: Modules the wrapper names for setup to preload.
         self.preload: list[str] = []
@@ -55,12 +62,10 @@ class Script:
             self.wrapper = path
             self.preload = wrapper_preloads(source)
             path = os.path.abspath(target)
-            try:
-                with open(path, "rb") as f:
-                    source = f.read()
-            except OSError as e:
+            source, e = _read(path)
+            if e is not None:
                 raise RunnerError(f"{given} is a wrapper for {target}, which cannot "
-                                  f"be opened: {e.strerror}", EXIT_USAGE) from None
+                                  f"be opened: {e.strerror}", EXIT_USAGE)
         #: What ``sys.argv[0]`` is: as given, or the wrapped program's path.
         self.argv0 = given if target is None else target
         #: ``__file__`` and the code's file name: absolute, symlinks kept (as CPython).
