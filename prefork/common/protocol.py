@@ -371,7 +371,7 @@ class RequestParser:
         if len(buf) < pos + 4:
             self._wait = pos + 4
             return None
-        (size,) = U32BE.unpack_from(buf, pos)
+        size: int = U32BE.unpack_from(buf, pos)[0]
         if size > limit:
             raise ProtocolError(f"{what} {size} exceeds {the}{limit}")
         if len(buf) < pos + 4 + size:

@@ -29,8 +29,9 @@ deleted, or the watch limit reached, or no inotify at all) are ``stat``-ed at ev
 from __future__ import annotations
 
 import os
-import struct
 import sys
+
+from prefork.common.inotify import identity, parse_events
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -55,11 +56,6 @@ _DIR_MASK = (_IN_MOVED_FROM | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE | _IN_MOVE_
              | _IN_DELETE_SELF | _IN_ONLYDIR | _IN_MASK_ADD)
 _GONE = _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_IGNORED
 
-#: struct inotify_event: wd, mask, cookie, len (then len bytes of NUL-padded name).
-_EVENT = struct.Struct("=iIII")
-
-#: What identifies the content of a file at a path, short of reading it.
-Identity = tuple[int, int, int, int, int]
 
 
 def module_files() -> list[str]:
@@ -108,26 +104,6 @@ def _inotify() -> tuple[int, Callable[[int, bytes, int], int]] | None:
     return fd, add
 
 
-def _identity(path: str) -> Identity | None:
-    try:
-        st = os.stat(path)
-    except (OSError, ValueError):
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def parse_events(data: bytes) -> list[tuple[int, int, bytes]]:
-    """``(wd, mask, name)`` of each ``struct inotify_event`` in ``data``."""
-    events = []
-    pos = 0
-    while pos + _EVENT.size <= len(data):
-        wd, mask, _cookie, n = _EVENT.unpack_from(data, pos)
-        pos += _EVENT.size
-        events.append((wd, mask, data[pos:pos + n].rstrip(b"\0")))
-        pos += n
-    return events
-
-
 class Autoreload:
     """Checks a fixed set of files against the server's birth time (nanoseconds) and against
     what was at their paths when the server started."""
@@ -138,7 +114,7 @@ class Autoreload:
         for f in files:
             seen.setdefault(os.path.abspath(f), None)
         self.files = list(seen)
-        self.known = {f: _identity(f) for f in self.files}
+        self.known = {f: identity(f) for f in self.files}
         # Stat-ed at every check: not watched, or missing (when first seen or since).
         self.polled = {f for f, ident in self.known.items() if ident is None}
         self.inotify_fd = -1
@@ -201,7 +177,7 @@ class Autoreload:
             return
         self.files = [*self.files, *new]
         for f in new:
-            self.known[f] = ident = _identity(f)
+            self.known[f] = ident = identity(f)
             if ident is None:
                 self.polled.add(f)
         self._watch(new)
@@ -256,7 +232,7 @@ class Autoreload:
         birth = self.birth_ns
         for f in files:
             was = self.known.get(f)
-            now = _identity(f)
+            now = identity(f)
             if now is None:
                 if was is not None:
                     self.polled.add(f)  # gone for now: a deploy half done

@@ -40,9 +40,8 @@ import stat
 import sys
 import time
 
-from prefork.common import cfunc, fdio, watchwire
+from prefork.common import cfunc, fdio, inotify, watchwire
 from prefork.common.consts import WATCHER_LOCK_NAME
-from prefork.watcher import inotify
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -81,23 +80,12 @@ class UsageError(Exception):
     """Bad command line (exit status 2)."""
 
 
-#: What identifies a file's content at a path, short of reading it:
-#: (dev, ino, size, mtime_ns, ctime_ns).
-Identity = tuple[int, int, int, int, int]
 #: A directory on a watched file's path: its names created, deleted or moved in or out, or
 #: the directory itself moved or deleted.
 _DIR_NAMES_MASK = (inotify.IN_MOVED_FROM | inotify.IN_MOVED_TO | inotify.IN_CREATE
                    | inotify.IN_DELETE | inotify.IN_DELETE_SELF | inotify.IN_MOVE_SELF
                    | inotify.IN_ONLYDIR | 0x20000000)  # IN_MASK_ADD: a directory watched
                                                      # for another reason keeps its mask
-
-
-def _identity(path: str) -> Identity | None:
-    try:
-        st = os.stat(path)
-    except (OSError, ValueError):
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 class Entry:
@@ -118,7 +106,7 @@ class Entry:
         self.files: dict[str, int] = {}
         self.unwatched: set[str] = set()
         #: path -> what was there when the server sent it (None: missing then).
-        self.known: dict[str, Identity | None] = {}
+        self.known: dict[str, inotify.Identity | None] = {}
         #: directory watch descriptors this server's files use.
         self.dirs: set[int] = set()
         #: "stale" already written: its files no longer matter.
@@ -295,7 +283,7 @@ class Shared:
         for path in files:
             if path in entry.known:
                 continue
-            entry.known[path] = _identity(path)
+            entry.known[path] = inotify.identity(path)
             self._watch_file(entry, path)
             self._watch_dirs(entry, path, deep)
         self.say(f"{entry.name}: watching {len(entry.files)} file(s)"
@@ -367,7 +355,7 @@ class Shared:
         ``rsync -a``, ``tar x``, still sets the ctime), or no longer the file first seen at
         that path (renamed over, a symlink swapped), or there now when it was missing."""
         for path in list(files):
-            now = _identity(path)
+            now = inotify.identity(path)
             if now is None:
                 if entry.known.get(path) is not None:
                     entry.unwatched.add(path)  # gone for now (a deploy half done): polled

@@ -1,6 +1,7 @@
 """inotify(7) without the ``ctypes`` package: one instance, watches added and removed,
-events decoded.  The shared watcher stays resident for as long as any server of its run
-directory lives, so its size matters (see ``prefork.common.cfunc``).
+events decoded; and what identifies a file's content at a path.  Used by the shared watcher
+(resident for as long as any server of its run directory lives, so its size matters: see
+``prefork.common.cfunc``) and by a server's own autoreload.
 """
 
 from __future__ import annotations
@@ -32,6 +33,33 @@ DIR_MASK = (IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_ATTRIB
 
 #: struct inotify_event: wd, mask, cookie, len (then ``len`` bytes of NUL-padded name).
 EVENT = _struct.Struct("=iIII")
+
+
+#: What identifies a file's content at a path, short of reading it:
+#: (dev, ino, size, mtime_ns, ctime_ns).  A deploy that keeps the old mtime (``cp -p``,
+#: ``rsync -a``, ``tar x``, ``mv new old``) still changes the inode or the ctime.
+Identity = tuple[int, int, int, int, int]
+
+
+def identity(path: str) -> Identity | None:
+    """The ``Identity`` of what is at ``path`` now (None: nothing there, or unreadable)."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def parse_events(data: bytes) -> list[tuple[int, int, bytes]]:
+    """``(wd, mask, name)`` of each ``struct inotify_event`` in ``data``."""
+    out = []
+    pos = 0
+    while pos + EVENT.size <= len(data):
+        wd, mask, _cookie, size = EVENT.unpack_from(data, pos)
+        pos += EVENT.size
+        out.append((wd, mask, data[pos:pos + size].rstrip(b"\0")))
+        pos += size
+    return out
 
 
 class Inotify:
@@ -70,12 +98,7 @@ class Inotify:
                 return out
             if not data:
                 return out
-            pos = 0
-            while pos + EVENT.size <= len(data):
-                wd, mask, _cookie, size = EVENT.unpack_from(data, pos)
-                pos += EVENT.size
-                out.append((wd, mask, data[pos:pos + size].rstrip(b"\0")))
-                pos += size
+            out += parse_events(data)
 
     def close(self) -> None:
         """Close the instance (every watch goes with it)."""
