@@ -29,6 +29,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
     from hashlib import sha256 as _sha256
+    from typing import Any
 elif sys.version_info >= (3, 12):
     from _sha2 import sha256 as _sha256
 else:
@@ -328,17 +329,10 @@ def ident_bytes(
     return b"".join(parts)
 
 
-def compute_ident(
-    base: str,
-    interp: bytes,
-    script: bytes | None,
-    ident_opts: "Sequence[IdentOption]",
-    *,
-    cwd: str | None = ".",
-    extra: "Sequence[bytes]" = (),
-    environb: "Mapping[bytes, bytes] | None" = None,
-) -> str:
-    """The ident: lower-case hex sha256 of ``ident_bytes``, cut to ``ident_max_len(base)``.
+def compute_ident(base: str, interp: bytes, script: bytes | None,
+                  ident_opts: "Sequence[IdentOption]", **options: "Any") -> str:
+    """The ident: lower-case hex sha256 of ``ident_bytes`` (``options``: its keywords
+    ``cwd``, ``extra``, ``environb``), cut to ``ident_max_len(base)``.
 
     Raises ``RunDirError`` when ``base`` is too long to leave room for a usable ident.
     """
@@ -349,7 +343,7 @@ def compute_ident(
             f"path too long for a socket name ({len(fsencode(base))} bytes; "
             f"at most {consts.SUN_PATH_MAX - _SOCKET_NAME_ROOM - _IDENT_MIN})",
         )
-    data = ident_bytes(interp, script, ident_opts, cwd=cwd, extra=extra, environb=environb)
+    data = ident_bytes(interp, script, ident_opts, **options)
     return _sha256(data).hexdigest()[:length]
 
 

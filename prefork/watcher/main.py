@@ -343,11 +343,9 @@ def _watch(path: str, start: tuple[int, int], *, sentinel: bool,
                  + ("; stdin is the sentinel" if sentinel else ""))
         fds = [inotify_fd, 0] if sentinel else [inotify_fd]
         while reason is None:
-            ready, _, _ = select.select(fds, [], [], RECHECK_INTERVAL)
-            if 0 in ready:
-                reason = _read_sentinel(show)
-                if reason is not None:
-                    break
+            ready, reason = _wake(fds, RECHECK_INTERVAL, show)
+            if reason is not None:
+                break
             if inotify_fd in ready:
                 _read_events(notifier, events, show)
                 if show is not None:
@@ -370,13 +368,18 @@ def _poll(path: str, start: tuple[int, int], *, sentinel: bool,
     fds = [0] if sentinel else []
     reason = _check(path, start)
     while reason is None:
-        ready, _, _ = select.select(fds, [], [], POLL_INTERVAL)
-        if 0 in ready:
-            reason = _read_sentinel(show)
-            if reason is not None:
-                break
-        reason = _check(path, start)
+        _, reason = _wake(fds, POLL_INTERVAL, show)
+        if reason is None:
+            reason = _check(path, start)
     return reason
+
+
+def _wake(fds: list[int], timeout: float, show: Callable[[str], None] | None
+          ) -> tuple[list[int], str | None]:
+    """Wait for one of ``fds`` (at most ``timeout`` seconds): those ready, and why to stop
+    if the sentinel (fd 0) woke us and says so."""
+    ready, _, _ = select.select(fds, [], [], timeout)
+    return ready, (_read_sentinel(show) if 0 in ready else None)
 
 
 def _read_events(notifier: Any, events: list[Any], show: Callable[[str], None] | None
