@@ -93,9 +93,10 @@ class Rig:
         return self.procs.run([self.script, *args], env=env or self.env, cwd=self.rundir,
                               timeout=timeout, **kw)
 
-    def ping(self, env: dict[str, str] | None = None, timeout: float = 30.0) -> int:
+    def ping(self, env: dict[str, str] | None = None, timeout: float = 30.0,
+             **kw: object) -> int:
         """A call that must succeed silently; the pid of the server that served it."""
-        rc, out, err = self.call("ping", env=env, timeout=timeout)
+        rc, out, err = self.call("ping", env=env, timeout=timeout, **kw)
         assert (rc, err) == (0, b""), (rc, out, err)
         word, pid = out.split()
         assert word == b"pong"
@@ -261,7 +262,9 @@ def test_out_of_fds_the_server_backs_off_logs_once_and_survives(rig: Rig) -> Non
     finally:
         for s in flood:
             s.close()
-    assert rig.ping(env=env) == h.server
+    # (from the same context: a caller whose fd limit the server cannot grant would be
+    # sent to a server of its own, see prefork.server.context)
+    assert rig.ping(env=env, preexec_fn=lambda: _limit_fds(20)) == h.server
     text = log_text(rig.rundir)
     assert text.count("Too many open files") == 1, text[-2000:]
     assert "accept failed" not in text and "server failed" not in text

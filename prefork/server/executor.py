@@ -297,6 +297,15 @@ def install_passed(targets: tuple[int, ...], received: list[int]) -> list[int]:
             moved[i] = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, top)
             os.close(fd)
     not_passed = []
+    # A caller's fd at or above the fd limit (``exec 200>x; ulimit -n 64``, and the server
+    # started from there) is inherited across exec all the same: lift the soft limit to the
+    # hard one while they are put in place (the caller's own limit is set afterwards).
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if top > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError):
+            pass
     for fd, target in zip(moved, targets, strict=True):
         if fd == target:
             os.set_inheritable(fd, True)
@@ -312,6 +321,11 @@ def install_passed(targets: tuple[int, ...], received: list[int]) -> list[int]:
             not_passed.append(target)  # e.g. over RLIMIT_NOFILE
         finally:
             os.close(fd)
+    if top > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        except (OSError, ValueError):
+            pass
     return not_passed
 
 

@@ -99,6 +99,9 @@ def _take_call(req: protocol.Request, with_env: bool, plan: executor.StdioPlan |
                environ_skipped: list[bytes], prctl: Callable[..., int] | None = None) -> None:
     """Become the executor of ``req``: the caller's fds, cwd, umask, argv, environment (if
     it differs from the one this spare has), stdio and, last, its signal mask."""
+    # The caller's fds first, while the server's fd limit holds: a caller's fd at or above
+    # its own soft limit (``exec 200>x; ulimit -n 64``) is inherited across exec as well.
+    not_passed = executor.install_fds(req)
     blocked = executor.inherit_from_client(req.client_pid, prctl) if req.extended else []
     if with_env:
         skipped = executor.replace_environ(req.env)
@@ -106,7 +109,6 @@ def _take_call(req: protocol.Request, with_env: bool, plan: executor.StdioPlan |
     else:
         skipped = environ_skipped
     context.sync_timezone()
-    not_passed = executor.install_fds(req)
     if req.passed:
         executor.adopt_listen_pid(req.client_pid)
     if req.umask is not None:

@@ -88,11 +88,31 @@ def _run_under(python: tuple[str, list[str]], argv: list[str]) -> None:
     interp, interp_args = python
     sys.stdout.flush()
     sys.stderr.flush()
+    _pass_contract_fds_on()
     try:
         os.execv(interp, [interp, *interp_args, BOOT, "--python-checked", *argv])
     except OSError as e:
         raise RunnerError(f"cannot run {interp}, the Python named by the script's #! line: "
                           f"{e.strerror}", EXIT_FAILED) from None
+
+
+def _pass_contract_fds_on() -> None:
+    """The fds ``PREFORK_INTERP`` names go on to the next interpreter: ``import prefork``
+    made them close-on-exec (for programs set-up starts), this exec is the same set-up."""
+    from prefork.common import envspec
+
+    value = os.environ.get(envspec.ENV_NAME)
+    if not value:
+        return
+    try:
+        spec = envspec.parse(value)
+    except envspec.EnvSpecError:
+        return  # the next interpreter says what is wrong with it
+    for fd in (spec.listen, spec.call, spec.watch_in, spec.watch_err):
+        try:
+            os.set_inheritable(fd, True)
+        except OSError:
+            pass
 
 
 def _check_no_other_prefork(script: Script) -> None:
