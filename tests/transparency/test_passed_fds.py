@@ -7,7 +7,6 @@ fds), under pipes and a pty, on 3.13 and 3.11."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -15,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from harness import scaled
+from harness import scaled, wait_for
 
 from .probes import INTERPRETERS, PYTHONS, ProbeFactory, Run, run_pty, status_text
 
@@ -142,15 +141,19 @@ def test_socket_activation(make_probe: ProbeFactory, tmp_path: Path, python: str
         proc = probe.procs.popen(["systemd-socket-activate", "-l", str(path),
                                   *probe.command(how)], env=probe.env,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        with socket.socket(socket.AF_UNIX) as client:
+        def connected() -> socket.socket | None:
+            """A connection, once the activator listens (a fresh socket each try)."""
+            assert proc.poll() is None, proc.communicate()
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect(str(path))
+            except (FileNotFoundError, ConnectionRefusedError):
+                s.close()
+                return None
+            return s
+
+        with wait_for(connected, timeout=20, what="the activator listening") as client:
             client.settimeout(scaled(20))
-            for _ in range(2000):  # the socket appears once the activator listens
-                try:
-                    client.connect(str(path))
-                    break
-                except (FileNotFoundError, ConnectionRefusedError):
-                    assert proc.poll() is None, proc.communicate()
-                    os.sched_yield()
             assert client.recv(100) == b"1 True AF_UNIX", how
         _, err = proc.communicate(timeout=scaled(20))
         assert proc.returncode == 0, (how, err)
