@@ -128,6 +128,19 @@ conn.close()
 '''
 
 
+def _connected(proc: subprocess.Popen[bytes], path: Path) -> socket.socket | None:
+    """A connection to ``path``, once the activator ``proc`` listens (a fresh socket each
+    try)."""
+    assert proc.poll() is None, proc.communicate()
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(str(path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        s.close()
+        return None
+    return s
+
+
 @pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
                     reason="no systemd-socket-activate")
 @pytest.mark.parametrize("python", PYTHONS)
@@ -141,18 +154,8 @@ def test_socket_activation(make_probe: ProbeFactory, tmp_path: Path, python: str
         proc = probe.procs.popen(["systemd-socket-activate", "-l", str(path),
                                   *probe.command(how)], env=probe.env,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        def connected() -> socket.socket | None:
-            """A connection, once the activator listens (a fresh socket each try)."""
-            assert proc.poll() is None, proc.communicate()
-            s = socket.socket(socket.AF_UNIX)
-            try:
-                s.connect(str(path))
-            except (FileNotFoundError, ConnectionRefusedError):
-                s.close()
-                return None
-            return s
-
-        with wait_for(connected, timeout=20, what="the activator listening") as client:
+        with wait_for(lambda: _connected(proc, path), timeout=20,  # noqa: B023 (called now)
+                      what="the activator listening") as client:
             client.settimeout(scaled(20))
             assert client.recv(100) == b"1 True AF_UNIX", how
         _, err = proc.communicate(timeout=scaled(20))
