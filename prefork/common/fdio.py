@@ -83,7 +83,10 @@ def recv_with_fds(sock: _socket.socket, bufsize: int, maxfds: int) -> tuple[byte
     if flags & _socket.MSG_CTRUNC:
         for fd in fds:
             posix.close(fd)
-        raise ValueError(f"too many fds in one message (more than {maxfds})")
+        # Either more than we asked for, or the kernel could not install them all: this
+        # process is at its fd limit (it drops the rest of the message's fds).
+        raise ValueError(f"fds of the message cut short: more than {maxfds} in it, or this "
+                         "process at its fd limit (ulimit -n)")
     return data, fds
 
 
