@@ -30,6 +30,7 @@ from typing import Any
 import procfs
 import psutil
 import pytest
+from ctlrun import ctl, ctl_json
 from harness import (
     C_CLIENT,
     CLIENT,
@@ -43,14 +44,12 @@ from harness import (
     wait_for,
     write_script,
 )
-from typer.testing import CliRunner
 
 from prefork import __version__
 from prefork.common import paths
 from prefork.common.ident import RUNDIR_ENV, compute_ident, lock_path, log_path, socket_path
 from prefork.common.locking import lock_file
 from prefork.ctl import actions, discover
-from prefork.ctl.main import app
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -92,20 +91,6 @@ COMBO_IDS = [f"{k}-client-{s}-side" for k, s in COMBOS]
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def ctl(*args: str) -> Any:
-    """Run prefork-ctl in this process (typer's CliRunner); returns its Result."""
-    return CliRunner().invoke(app, list(args))
-
-
-def ctl_json(*args: str) -> list[dict[str, Any]]:
-    import json
-
-    result = ctl(*args, "--json")
-    assert result.exit_code == 0, result.output
-    data: list[dict[str, Any]] = json.loads(result.stdout)
-    return data
 
 
 def pids_of(line: str) -> dict[str, int]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ctlrun import ctl, ctl_json
 from harness import CLIENT, PYTHON, VENV_BIN, ProcRegistry, wait_for, write_script
 from typer.testing import CliRunner
 
@@ -35,17 +36,6 @@ PLAIN = """\
 import sys
 print("plain", sys.argv[1:], flush=True)
 """
-
-
-def ctl(*args: str) -> Any:
-    return CliRunner().invoke(app, list(args))
-
-
-def ctl_json(*args: str) -> list[dict[str, Any]]:
-    result = ctl(*args, "--json")
-    assert result.exit_code == 0, result.output
-    data: list[dict[str, Any]] = json.loads(result.stdout)
-    return data
 
 
 def run_ok(procs: ProcRegistry, argv: list[str], env: dict[str, str], cwd: str,
