@@ -31,6 +31,22 @@ import pytest
 from harness import VENV_BIN, ProcRegistry, describe, find_processes, kill_processes, protected_pids
 from realbase import RealBase
 
+
+def _as_a_shell_leaves_them() -> None:
+    """The tests compare calls with direct runs made the way an interactive shell makes
+    them: SIGHUP, SIGINT and SIGQUIT at their defaults.  A runner started with ``nohup`` or
+    as a background job of a non-interactive shell ignores them, and every process a test
+    starts would inherit that; so the suite puts them back (SIGINT: Python's own)."""
+    import signal
+
+    for sig, default in ((signal.SIGHUP, signal.SIG_DFL), (signal.SIGQUIT, signal.SIG_DFL),
+                         (signal.SIGINT, signal.default_int_handler)):
+        if signal.getsignal(sig) == signal.SIG_IGN:
+            signal.signal(sig, default)
+
+
+_as_a_shell_leaves_them()
+
 #: Run directories made by the ``rundir`` fixture in this session (for the leak check).
 _SESSION_RUNDIRS: list[str] = []
 
