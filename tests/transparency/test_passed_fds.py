@@ -151,7 +151,10 @@ def test_socket_activation(make_probe: ProbeFactory, tmp_path: Path, python: str
     for how in ("direct", "cold", "warm"):
         probe.prepare(how)
         path = tmp_path / f"act-{how}"
-        proc = probe.procs.popen(["systemd-socket-activate", "-l", str(path),
+        # The activator passes its children only the variables it is told to: all of the
+        # probe's (its run directory among them, or the servers would go to the user's).
+        setenv = [f"--setenv={name}" for name in probe.env]
+        proc = probe.procs.popen(["systemd-socket-activate", *setenv, "-l", str(path),
                                   *probe.command(how)], env=probe.env,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         with wait_for(lambda: _connected(proc, path), timeout=20,  # noqa: B023 (called now)
