@@ -39,7 +39,7 @@ from prefork.client.wire import (
     send_request,
     try_connect,
 )
-from prefork.common import protocol
+from prefork.common import fdio, protocol
 from prefork.common.consts import EXIT_FAILED, FORWARDED_SIGNALS, socket_name
 from prefork.common.ident import (
     RunDirError,
@@ -446,28 +446,6 @@ def _caller_ignored_signals() -> set[int]:
     return ignored
 
 
-def inherited_fds() -> list[int]:
-    """The fds above 2 the caller left open for us, before we open any: the inheritable ones
-    (``/proc/self/fd`` also lists the directory's own fd, close-on-exec and closed by now;
-    anything the interpreter opened at start-up is close-on-exec too).  Passed to the
-    script under x1 at their numbers, as a direct run inherits them.  [] without /proc."""
-    try:
-        names = posix.listdir("/proc/self/fd")
-    except OSError:
-        return []
-    fds = []
-    for name in names:
-        fd = int(name)
-        if fd > 2:
-            try:
-                if posix.get_inheritable(fd):
-                    fds.append(fd)
-            except OSError:
-                pass
-    fds.sort()
-    return fds
-
-
 def _fds_to_pass(offer: frozenset[bytes], passed: list[int]) -> list[int]:
     """The caller's other fds to pass, if the server takes them (``prefork-fds``)."""
     if protocol.FDS_TOKEN not in offer:
@@ -481,7 +459,9 @@ def _fds_to_pass(offer: frozenset[bytes], passed: list[int]) -> list[int]:
 
 def run(argv: list[str]) -> int:
     """Everything but the final propagation; returns the script's wait status."""
-    passed = inherited_fds()
+    # The fds above 2 the caller left open for us, before we open any: passed to the
+    # script under x1 at their numbers, as a direct run inherits them.
+    passed = fdio.inheritable_fds()
     closed = _fix_std_fds()
     ignored = _caller_ignored_signals()
     opts = parse_args(argv)

@@ -90,17 +90,36 @@ def recv_with_fds(sock: _socket.socket, bufsize: int, maxfds: int) -> tuple[byte
     return data, fds
 
 
+def inheritable_fds() -> list[int]:
+    """This process's inheritable fds above 2, in order ([] without ``/proc``): what it
+    inherited from its caller, before it opened anything of its own (the interpreter's own
+    fds, and the listing's, are close-on-exec)."""
+    try:
+        names = posix.listdir("/proc/self/fd")
+    except OSError:
+        return []
+    fds = []
+    for name in names:
+        fd = int(name)
+        if fd > 2:
+            try:
+                if posix.get_inheritable(fd):
+                    fds.append(fd)
+            except OSError:
+                pass  # the listing's own fd, gone by now
+    fds.sort()
+    return fds
+
+
 def cloexec_strays(keep: "Sequence[int]" = ()) -> None:
     """Make every inheritable fd >= 3 but ``keep`` close-on-exec in this process, before it
     spawns a process that lives on (a server, a watcher): that process must not hold one
     caller's other files for the rest of its life.  Not spawn close actions: glibc refuses
     one for an fd at or above the soft ``RLIMIT_NOFILE``, and a caller may hold such an fd
     (``exec 200>x; ulimit -n 64``)."""
-    for name in posix.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd > 2 and fd not in keep:
+    for fd in inheritable_fds():
+        if fd not in keep:
             try:
-                if posix.get_inheritable(fd):
-                    posix.set_inheritable(fd, False)
+                posix.set_inheritable(fd, False)
             except OSError:
-                pass  # the listing's own fd, gone by now
+                pass
