@@ -25,12 +25,12 @@ from _procfacts import (
     watcher_of,
 )
 from harness import (
-    Lines,
     ProcRegistry,
     scaled,
     wait_for,
     write_script,
 )
+from heldcall import Held, start_held
 from procfs import fd_flags, fd_links, gone, has_connected_socket, rss_kib, state
 
 from prefork.server import log as server_log
@@ -105,36 +105,10 @@ class Rig:
     def hold(self, exit_code: int = 0, env: dict[str, str] | None = None,
              **kw: object) -> Held:
         """A call that reports its pids and runs until its stdin is closed."""
-        p = self.procs.popen([self.script, "hold", str(exit_code)], env=env or self.env,
-                             cwd=self.rundir, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, **kw)
-        assert p.stdout is not None
-        lines = Lines(p.stdout.fileno())
-        word, exe, server = lines.line(timeout=30).split()
-        assert word == b"pids"
-        h = Held(p, lines, int(exe), int(server), exit_code)
+        h = start_held(self.procs, [self.script, "hold", str(exit_code)], exit_code,
+                       env=env or self.env, cwd=self.rundir, **kw)
         self.held.append(h)
         return h
-
-
-@dataclass
-class Held:
-    """A running call: its client, executor and server."""
-
-    proc: subprocess.Popen[bytes]
-    lines: Lines
-    executor: int
-    server: int
-    exit_code: int
-
-    def finish(self) -> None:
-        """Let it end; it must end normally, with its own output and exit status."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        assert self.lines.line() == f"done {self.server}".encode()
-        assert self.proc.wait(timeout=scaled(10)) == self.exit_code
-        assert self.proc.stderr is not None
-        assert self.proc.stderr.read() == b""
 
 
 @pytest.fixture
