@@ -116,7 +116,7 @@ def test_our_server_offers_x1(procs: ProcRegistry, env: dict[str, str], rundir: 
     rc, _, err = procs.run([CLIENT, "-U", PY, script], env=env, cwd=rundir)
     assert (rc, err) == (0, b"")
     ident = compute_ident(rundir, os.fsencode(PY), os.fsencode(script), [], cwd=rundir)
-    xdata = protocol.X1_TOKEN + b"\0" + protocol.FDS_TOKEN + b"\0"
+    xdata = protocol.X1_TOKEN + b"\0" + protocol.FDS_TOKEN + b"\0" + protocol.RETRY_TOKEN + b"\0"
     assert _greeting_of(socket_path(rundir, ident)) == (
         b"PFI\n" + len(xdata).to_bytes(4, sys.byteorder)
         + xdata)

@@ -22,6 +22,7 @@ from _procfacts import (
     log_text,
     raw_connect,
     socket_file,
+    spares,
     watcher_of,
 )
 from harness import (
@@ -31,7 +32,7 @@ from harness import (
     write_script,
 )
 from heldcall import Held, start_held
-from procfs import fd_flags, fd_links, gone, has_connected_socket, rss_kib, state
+from procfs import fd_count, fd_flags, fd_links, gone, has_connected_socket, rss_kib, state
 
 from prefork.server import log as server_log
 
@@ -242,6 +243,50 @@ def test_out_of_fds_the_server_backs_off_logs_once_and_survives(rig: Rig) -> Non
     text = log_text(rig.rundir)
     assert text.count("Too many open files") == 1, text[-2000:]
     assert "accept failed" not in text and "server failed" not in text
+
+
+def _server_at_its_fd_limit(rig: Rig) -> tuple[int, tuple[int, int], subprocess.Popen[bytes]]:
+    """A running server left room for one connection but not for the 4 fds its request
+    brings (its soft limit lowered to what it holds + 3), and a call sent to it: the
+    server's pid, its old limits, the call's client (once the server has met the call)."""
+    server = rig.ping()
+    wait_for(lambda: len(spares(server)) == 1 and asleep_in_epoll(server),
+             what="the server idle with its spare")
+    limits = resource.prlimit(server, resource.RLIMIT_NOFILE)
+    resource.prlimit(server, resource.RLIMIT_NOFILE, (fd_count(server) + 3, limits[1]))
+    client = rig.procs.popen([rig.script, "ping"], env=rig.env, cwd=rig.rundir,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for(lambda: client.poll() is not None
+             or "out of file descriptors" in log_text(rig.rundir),
+             what="the server meeting a request it has no fds for")
+    return server, limits, client
+
+
+def test_a_request_the_server_has_no_fds_for_waits_rather_than_fails(rig: Rig) -> None:
+    """``make soak``, EMFILE: a server at its fd limit read a request anyway, the kernel
+    dropped the fds it carried (MSG_CTRUNC), the call was rejected and its client exited
+    127.  The server now reads a request's fds only once it has room for them: the call
+    waits (said once in the log) and is served when fds are free again."""
+    server, limits, client = _server_at_its_fd_limit(rig)
+    resource.prlimit(server, resource.RLIMIT_NOFILE, limits)
+    out, err = client.communicate(timeout=scaled(20))
+    assert (client.returncode, err) == (0, b""), (client.returncode, out, err)
+    assert out.split() == [b"pong", str(server).encode()]
+    text = log_text(rig.rundir)
+    assert "rejected a call" not in text, text[-2000:]
+    assert rig.ping() == server
+
+
+def test_a_call_its_server_never_started_is_sent_again(rig: Rig) -> None:
+    """A call whose server ended before it took the call (no ``P`` record: none of the
+    script ran) is sent again, to a fresh server: here the server is killed while the
+    call waits for fds.  It used to fail with 127 (``the server went away``)."""
+    server, _limits, client = _server_at_its_fd_limit(rig)
+    os.kill(server, signal.SIGKILL)
+    out, err = client.communicate(timeout=scaled(30))
+    assert (client.returncode, err) == (0, b""), (client.returncode, out, err)
+    word, pid = out.split()
+    assert word == b"pong" and int(pid) != server
 
 
 def test_the_log_is_rotated_while_the_server_runs(tmp_path: object) -> None:

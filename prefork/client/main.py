@@ -32,6 +32,7 @@ from prefork.client.wire import (
     ClientError,
     Connection,
     NoGreeting,
+    NotStarted,
     Redirected,
     ScriptEnded,
     peer_creds,
@@ -78,6 +79,9 @@ exit status: the script's own (or death by the same signal); 127 if prefork-inte
 """
 
 STOPS = (_signal.SIGTSTP, _signal.SIGTTIN, _signal.SIGTTOU)
+#: A call the server never started (see ``NotStarted``) is sent again this many times, then
+#: run directly.
+NOT_STARTED_RETRIES = 3
 
 
 class Options:
@@ -294,9 +298,14 @@ def forward_signals(ignored: set[int]) -> int:
     return wake_r
 
 
-def x1_call_loop(sock: _socket.socket, wake_r: int) -> int:
+def x1_call_loop(sock: _socket.socket, wake_r: int, resend: bytes = b"",
+                 retry: bool = False) -> int:
     """Under x1: pass our signals on as ``S`` records, follow the executor (``P``), its
     stops (``T``) and continues (``C``); return the final wait status (``W``).
+
+    With ``retry`` (the server offered ``RETRY_TOKEN``), the connection ending before any
+    ``P`` record raises ``NotStarted``, with the signals passed on meanwhile (``resend``:
+    those of an earlier attempt, sent first).
 
     A stopped executor stops us the same way, whoever stopped it (the job is stopped, as
     in a direct run).  ``C 1`` says someone else continued it and the server sends us a
@@ -307,6 +316,10 @@ def x1_call_loop(sock: _socket.socket, wake_r: int) -> int:
     executor = 0
     stop_sig = 0  # a stop to make once the records that came with it are read
     cont_owed = 0  # SIGCONTs the server sent us (``C 1``), not to be passed on
+    named = False  # a P record came: the call may have started
+    sent = resend  # signal records sent before it
+    if resend:
+        _send_records(sock, resend)
     sock_fd = sock.fileno()
     while True:
         ready = select.select([sock_fd, wake_r], [], [])[0]
@@ -316,6 +329,8 @@ def x1_call_loop(sock: _socket.socket, wake_r: int) -> int:
             except ConnectionResetError:
                 data = b""
             if not data:
+                if retry and not named:
+                    raise NotStarted(sent)
                 if executor:
                     # The executor died with its server (PR_SET_PDEATHSIG): leave nothing it
                     # started behind either (its group is still there while any member is).
@@ -329,6 +344,7 @@ def x1_call_loop(sock: _socket.socket, wake_r: int) -> int:
                 if tag == protocol.REC_STATUS:
                     return value
                 if tag == protocol.REC_PID:
+                    named = True
                     executor = value if _our_executor(sock, value) else 0
                 elif tag == protocol.REC_REDIRECT and not executor:
                     raise Redirected(value)
@@ -350,13 +366,19 @@ def x1_call_loop(sock: _socket.socket, wake_r: int) -> int:
                     continue
                 out.append(protocol.encode_record(protocol.REC_SIGNAL, s))
             if out:
-                try:
-                    sock.sendall(b"".join(out))
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the final status (or EOF) is still to be read
+                if not named:
+                    sent += b"".join(out)
+                _send_records(sock, b"".join(out))
         if stop_sig and not select.select([sock_fd], [], [], 0)[0]:
             _stop_self(stop_sig)
             stop_sig = 0
+
+
+def _send_records(sock: _socket.socket, records: bytes) -> None:
+    try:
+        sock.sendall(records)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the final status (or EOF) is still to be read
 
 
 def _our_executor(sock: _socket.socket, pid: int) -> bool:
@@ -477,7 +499,9 @@ def run(argv: list[str]) -> int:
         start.kill_server(base, server_ident(opts, base))
         return 0
     wake_r = -1
-    for _attempt in range(2):
+    redirects = retries = 0
+    resend = b""
+    while redirects < 2:
         try:
             sock, offer = connect_or_spawn(opts, base)
         except ScriptEnded as e:
@@ -487,16 +511,29 @@ def run(argv: list[str]) -> int:
             return read_status_v1(sock)
         if wake_r < 0:
             wake_r = forward_signals(ignored)
-        send_request(sock, _request_argv(opts), True, closed | protocol.FLAG_FOLLOWS_REDIRECT,
-                     _fds_to_pass(offer, passed))
         try:
-            return x1_call_loop(sock, wake_r)
+            try:
+                send_request(sock, _request_argv(opts), True,
+                             closed | protocol.FLAG_FOLLOWS_REDIRECT, _fds_to_pass(offer, passed))
+            except (BrokenPipeError, ConnectionResetError):
+                raise NotStarted(resend) from None  # the server had not all of it: no P
+            return x1_call_loop(sock, wake_r, resend, protocol.RETRY_TOKEN in offer)
         except Redirected as r:
             sock.close()
+            redirects += 1
             # The server of the caller's context (see prefork.server.context), started
             # here if there is none; if it cannot run the call either, the interpreter
             # runs directly.
             opts.ident = context_ident(base, server_ident(opts, base), r.code)
+        except NotStarted as e:
+            # The server ended the connection before it named an executor (killed, out of
+            # fds, quitting): none of the script ran, so the call is sent again, to it or
+            # to a fresh one.  A server that keeps doing so is bypassed: a direct run.
+            sock.close()
+            resend = e.signals
+            retries += 1
+            if retries > NOT_STARTED_RETRIES:
+                break
     from prefork.client import direct
 
     direct.run_directly(_setup_argv(opts), closed)

@@ -67,6 +67,17 @@ class Redirected(Exception):
         self.code = code
 
 
+class NotStarted(Exception):
+    """The connection ended before the server named the call's executor (x1 ``P`` record,
+    sent before the call is handed to it): none of the script ran, and the call may be sent
+    again.  ``signals``: the ``S`` records sent meanwhile, to send again with it."""
+
+    def __init__(self, signals: bytes = b"") -> None:
+        """Keep the signal records already sent."""
+        super().__init__("the server closed the connection before it took the call")
+        self.signals = signals
+
+
 def read_greeting(sock: _socket.socket) -> frozenset[bytes] | None:
     """Read the greeting; the offered extension tokens, or None if the server went away."""
     try:

@@ -58,7 +58,8 @@ token).  Each ``fdnum`` is >= 3, they are distinct, at most ``MAX_PASSED_FDS`` o
 After the request both directions carry 5-byte *records* ``tag:u8 value:u32be``:
 
 - client -> server ``S sig``: deliver signal ``sig`` to the executor's process group.
-- server -> client ``P pid``: the executor's pid (sent once, when the call is handed to it).
+- server -> client ``P pid``: the executor's pid (sent when the call is handed to it; with
+  ``RETRY_TOKEN`` offered, just before, and again should that executor fail to take it).
 - server -> client ``T sig``: the executor was stopped by ``sig``; the client stops itself.
 - server -> client ``C 0``: the executor was continued.
 - server -> client ``W status``: the final wait status; the server closes the connection.
@@ -70,6 +71,13 @@ After the request both directions carry 5-byte *records* ``tag:u8 value:u32be``:
   ``R`` by that server too runs the interpreter directly.
 
 Unknown tags are ignored by both sides (room for further records).
+
+Calls not started (x1 with the token ``b"prefork-retry"`` also offered): the server writes
+``P`` to the client before it hands the call to that executor, so a connection that ends
+before any ``P`` has arrived ran none of the script.  The client then sends the call again
+(a few times, to the same server or a fresh one; then it runs the interpreter directly),
+with the ``S`` records it had sent.  Without the token (an earlier server of ours sends
+``P`` after the hand-over) such a connection is an error, as in v1.
 
 Hand-over (server -> spare; internal, both ends are the same program)
 ---------------------------------------------------------------------
@@ -105,6 +113,9 @@ SIGBYTE_X1 = 1
 X1_TOKEN = b"prefork-x1"
 #: Offered with ``X1_TOKEN``: the server takes the caller's other fds (see "Passed fds").
 FDS_TOKEN = b"prefork-fds"
+#: Offered with ``X1_TOKEN``: the server sends ``P`` before the executor has the call, so a
+#: connection that ends before any ``P`` ran nothing of the script (see "Calls not started").
+RETRY_TOKEN = b"prefork-retry"
 
 V1_FDS = 3
 X1_FDS = 4
@@ -332,6 +343,26 @@ class RequestParser:
 
     def _need_fds(self) -> int:
         return X1_FDS if self.extended else V1_FDS
+
+    def fds_ahead(self) -> int | None:
+        """The most fds the next read can bring, or None while that is not known yet.
+
+        A read ends with the first message carrying fds, so it brings one message's fds:
+        the caller's std fds (one each under v1, all four in one under x1), then each chunk
+        of passed fds.  None: passed fds may follow bytes still to read (the extension
+        block counts them), so the reader must stop before any fds (``MSG_PEEK``).  The
+        server makes room for this many before reading (a message whose fds do not fit
+        loses them: the kernel drops what it cannot install)."""
+        if self.extended is None:
+            return X1_FDS if self.x1_offered else 1
+        missing = self._need_fds() - len(self.fds)
+        if missing > 0:
+            return missing if self.extended else 1
+        if not (self.extended and self.fds_offered):
+            return 0
+        if self._fd_limit is None:
+            return None
+        return min(SCM_MAX_FD, self._fd_limit - len(self.fds))
 
     def feed(self, data: bytes, fds: list[int] = []) -> Request | None:  # noqa: B006
         """Add received bytes and fds; return the request once complete."""

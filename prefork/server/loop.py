@@ -142,6 +142,17 @@ def _proc_state(pid: int) -> str:
     return stat[stat.rfind(b")") + 2:][:1].decode()
 
 
+def _recv_before_fds(sock: _socket.socket) -> tuple[bytes, bool]:
+    """Read what has come up to (not including) the next message carrying fds, and
+    whether one is next.  Peeked first, without room for fds: the kernel then keeps them
+    and says MSG_CTRUNC.  A read ends with such a message, so it is the last byte peeked
+    (the protocol's fds ride on one byte each), read later with room for its fds."""
+    data, _anc, flags, _addr = sock.recvmsg(65536, 0, _socket.MSG_PEEK)
+    if not flags & _socket.MSG_CTRUNC:
+        return (sock.recv(len(data)) if data else b""), False
+    return (sock.recv(len(data) - 1) if len(data) > 1 else b""), True
+
+
 class Server:
     """The accept / fork / reap loop (see module docstring)."""
 
@@ -205,6 +216,10 @@ class Server:
         #: Out of fds: when the listener is tried again, and when that was last logged.
         self.accept_resume_at: float | None = None
         self.fd_logged_at: float | None = None
+        #: Out of fds: connections whose request brings fds there is no room for yet (not
+        #: read meanwhile: the kernel would drop them), and when they are tried again.
+        self.deferred: list[Call] = []
+        self.read_resume_at: float | None = None
         #: This server's own context (what its forks can and cannot run calls in).
         self.context = ServerContext()
 
@@ -263,6 +278,8 @@ class Server:
             deadlines.append(self._overflow_at())
         if self.accept_resume_at is not None:
             deadlines.append(self.accept_resume_at)
+        if self.read_resume_at is not None:
+            deadlines.append(self.read_resume_at)
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - now)
@@ -323,6 +340,11 @@ class Server:
             self.accept_resume_at = None
             self._set_accepting(True)
             self._dispatch()
+        if self.read_resume_at is not None and now >= self.read_resume_at:
+            self.read_resume_at = None
+            deferred, self.deferred = self.deferred, []
+            for call in deferred:
+                self._watch_call(call)
         if self.waiting and self.max_wait is not None and now >= self._overflow_at():
             # No slot freed up for max_wait: the running calls may be waiting for this one
             # (a pipeline of the script, a script calling itself); start it past the limit.
@@ -518,15 +540,46 @@ class Server:
         sock.setblocking(False)
         call = Call(sock, True, self.last_activity)
         try:
-            sock.send(protocol.encode_greeting((protocol.X1_TOKEN, protocol.FDS_TOKEN)))
+            sock.send(protocol.encode_greeting(
+                (protocol.X1_TOKEN, protocol.FDS_TOKEN, protocol.RETRY_TOKEN)))
         except OSError as e:
             if e.errno not in (errno.EPIPE, errno.ECONNRESET):
                 self.log.warning(f"sending greeting failed: {e}")
             sock.close()
             return
         self.calls[sock] = call
-        self.sel.register(sock, EVENT_READ,
-                          lambda: self._call_readable(call))
+        self._watch_call(call)
+
+    def _watch_call(self, call: Call) -> None:
+        assert call.sock is not None
+        self.sel.register(call.sock, EVENT_READ, lambda: self._call_readable(call))
+
+    def _defer_read(self, call: Call, nfds: int, why: str) -> None:
+        """No room for the ``nfds`` fds the call's next message brings: its socket is left
+        unread for ``FD_BACKOFF`` (read now, the kernel would drop the fds it cannot
+        install, MSG_CTRUNC, and the call would be lost); fds come back as calls end."""
+        assert call.sock is not None
+        self.sel.unregister(call.sock)
+        self.deferred.append(call)
+        self._out_of_fds(f"room for the {nfds} fds of a call: {why}")
+        self.read_resume_at = time.monotonic() + FD_BACKOFF
+
+    def _room_for_fds(self, nfds: int) -> str | None:
+        """Make sure ``nfds`` more fds can be opened: they are opened (copies of the
+        wakeup pipe's) and closed again, so the read that follows finds them free (one
+        thread).  None if they could be, else why not."""
+        got: list[int] = []
+        try:
+            for _ in range(nfds):
+                got.append(os.dup(self.wake_r))
+        except OSError as e:
+            if e.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+                raise
+            return e.strerror or str(e)
+        finally:
+            for fd in got:
+                os.close(fd)
+        return None
 
     def _drop(self, call: Call) -> None:
         """Forget the connection (closing any fds it had delivered)."""
@@ -546,6 +599,8 @@ class Server:
             self.waiting.remove(call)
         if call.sock is None:
             return
+        if call in self.deferred:
+            self.deferred.remove(call)
         self.calls.pop(call.sock, None)
         try:
             self.sel.unregister(call.sock)
@@ -558,23 +613,38 @@ class Server:
         sock = call.sock
         if sock is None:
             return  # forgotten earlier in this turn
-        maxfds = protocol.SCM_MAX_FD  # the passed fds (extension x1) come up to 253 a message
         # A request comes in several messages (a v1 client sends each fd on its own): read
         # on until the socket is empty, rather than one message per turn of the loop.
         for _ in range(_READS_PER_TURN):
             try:
-                self._read_call(call, sock, maxfds)
+                self._read_call(call, sock)
             except BlockingIOError:
                 return
-            if call.parser is None or call.sock is None:
+            if call.parser is None or call.sock is None or call in self.deferred:
                 return
 
-    def _read_call(self, call: Call, sock: _socket.socket, maxfds: int) -> None:
+    def _read_call(self, call: Call, sock: _socket.socket) -> None:
         """One read from a call's socket (see ``_call_readable``); ``BlockingIOError`` when
-        there is nothing to read."""
+        there is nothing to read.  A request's fds are read only once there is room for
+        them all (else the read is deferred, see ``_defer_read``)."""
         try:
             if call.parser is not None:
-                data, fds = fdio.recv_with_fds(sock, 65536, maxfds)
+                nfds = call.parser.fds_ahead()
+                short = self._room_for_fds(nfds) if nfds else None
+                if nfds is not None and short is None:
+                    data, fds = fdio.recv_with_fds(sock, 65536, protocol.SCM_MAX_FD)
+                else:
+                    # How many fds come next is not known yet, or there is no room for
+                    # them: only the bytes before them (an EOF, say) are read.
+                    data, fds_next = _recv_before_fds(sock)
+                    fds = []
+                    if fds_next and not data:
+                        if nfds is not None:
+                            self._defer_read(call, nfds, short or "")
+                            return
+                        # fds before the request says how many: not the protocol (the
+                        # parser says so, or the fds are cut short, ValueError)
+                        data, fds = fdio.recv_with_fds(sock, 65536, protocol.SCM_MAX_FD)
             else:
                 data, fds = sock.recv(4096), []
         except BlockingIOError:
@@ -707,7 +777,7 @@ class Server:
         for _attempt in range(2):  # a spare that died meanwhile is replaced, once
             if self.spare is None:
                 self._fork_spare(needed=True)
-            pid = self._hand_over(req, client_pid)
+            pid = self._hand_over(call, req, client_pid)
             if pid is not None:
                 break
         if pid is None and self.accept_resume_at is not None \
@@ -729,10 +799,8 @@ class Server:
         self.by_pid[pid] = call
         if self.stats is not None:
             self.stats.call_started(pid, req)
-        if req.extended:
-            self._send(call, protocol.encode_record(protocol.REC_PID, pid))
-            if rest:
-                self._records(call, rest)
+        if req.extended and rest:
+            self._records(call, rest)
 
     def _redirect(self, call: Call, req: protocol.Request) -> bool:
         """Send the caller to the server of its own context if a fork of this one cannot
@@ -756,7 +824,7 @@ class Server:
         self._forget_sock(call)
         return True
 
-    def _hand_over(self, req: protocol.Request, client_pid: int) -> int | None:
+    def _hand_over(self, call: Call, req: protocol.Request, client_pid: int) -> int | None:
         """Send the call to the spare, which becomes its executor: its pid, or None if the
         spare could not take it (it is then killed and forgotten)."""
         spare, self.spare = self.spare, None
@@ -765,6 +833,11 @@ class Server:
         sock, spare.handover_sock = spare.handover_sock, None
         message = protocol.encode_handover(req, client_pid=client_pid,
                                            with_env=spare.environ is not self.environ)
+        if req.extended:
+            # The executor's pid goes out before the call does: a client that got no P
+            # record knows that none of the script ran, and may send the call again.  (A
+            # spare that fails to take it is replaced: the client then gets another P.)
+            self._send(call, protocol.encode_record(protocol.REC_PID, spare.pid))
         try:
             sock.settimeout(HANDOVER_TIMEOUT)
             nfds = len(req.fds) - len(req.passed)
