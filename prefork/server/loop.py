@@ -38,9 +38,11 @@ from prefork.common import fdio, protocol
 from prefork.common.consts import DELIVERABLE_SIGNALS
 from prefork.server.autoreload import Autoreload
 from prefork.server.context import ServerContext
+from prefork.server.fdshort import FdShortage
 from prefork.server.poller import EVENT_READ, Poller
 from prefork.server.spare import become_spare
 from prefork.server.stats import CallStats
+from prefork.server.waiting import WaitingCalls
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -53,9 +55,7 @@ if TYPE_CHECKING:
 
 _READS_PER_TURN = 8       # reads of one connection's request per turn of the loop, at most
 REQUEST_TIMEOUT = 10.0   # a connection must deliver its request within this (no slot meanwhile)
-FD_BACKOFF = 0.5         # out of fds: the listener is left alone this long before trying again
 START_RETRY_FOR = 30.0   # out of fds: a call that cannot get an executor is retried this long
-FD_LOG_EVERY = 60.0      # out of fds: said at most once per this many seconds (once per episode)
 KILL_GRACE = 0.5         # SIGINT to a call whose client vanished, then SIGKILL after this
 _PEERCRED = _struct.Struct("3i")
 #: Every signal number, as ints: ``_signal`` rather than ``signal`` around the fork, whose
@@ -142,19 +142,9 @@ def _proc_state(pid: int) -> str:
     return stat[stat.rfind(b")") + 2:][:1].decode()
 
 
-def _recv_before_fds(sock: _socket.socket) -> tuple[bytes, bool]:
-    """Read what has come up to (not including) the next message carrying fds, and
-    whether one is next.  Peeked first, without room for fds: the kernel then keeps them
-    and says MSG_CTRUNC.  A read ends with such a message, so it is the last byte peeked
-    (the protocol's fds ride on one byte each), read later with room for its fds."""
-    data, _anc, flags, _addr = sock.recvmsg(65536, 0, _socket.MSG_PEEK)
-    if not flags & _socket.MSG_CTRUNC:
-        return (sock.recv(len(data)) if data else b""), False
-    return (sock.recv(len(data) - 1) if len(data) > 1 else b""), True
-
-
-class Server:
-    """The accept / fork / reap loop (see module docstring)."""
+class Server(FdShortage, WaitingCalls):
+    """The accept / fork / reap loop (see module docstring; out of fds: ``fdshort``; the
+    calls waiting for a slot: ``waiting``)."""
 
     def __init__(self, *, listen_sock: _socket.socket, call_sock: _socket.socket,
                  watch_in_fd: int, watch_err_fd: int, birth_ns: int, log: ServerLog,
@@ -340,11 +330,7 @@ class Server:
             self.accept_resume_at = None
             self._set_accepting(True)
             self._dispatch()
-        if self.read_resume_at is not None and now >= self.read_resume_at:
-            self.read_resume_at = None
-            deferred, self.deferred = self.deferred, []
-            for call in deferred:
-                self._watch_call(call)
+        self._resume_reads(now)
         if self.waiting and self.max_wait is not None and now >= self._overflow_at():
             # No slot freed up for max_wait: the running calls may be waiting for this one
             # (a pipeline of the script, a script calling itself); start it past the limit.
@@ -417,19 +403,6 @@ class Server:
             self.sel.register(self.listen_sock, EVENT_READ, self._accept)
         elif self.listen_sock is not None:
             self.sel.unregister(self.listen_sock)
-
-    def _full(self) -> bool:
-        """Every slot taken: a slot is a running call's (a connection still sending its
-        request holds none, so idle connections delay nobody)."""
-        return 0 <= self.max_servers <= len(self.by_pid)
-
-    def _overflow_at(self) -> float:
-        """When the oldest waiting call starts past the limit: ``max_wait`` after it began
-        waiting, or after the last call started or ended, whichever is later."""
-        assert self.max_wait is not None
-        head = self.waiting[0].queued
-        queued_at = head[2] if head is not None else self.progress_at
-        return max(queued_at, self.progress_at) + self.max_wait
 
     def _watch_fd(self) -> int:
         return self.watch_err_fd if self.watch_link is None else self.watch_link.watch_err_fd
@@ -520,20 +493,6 @@ class Server:
                 continue
             self._add_call(conn)
 
-    def _out_of_fds(self, what: str) -> None:
-        """Out of file descriptors (or kernel memory): leave the listener alone for
-        ``FD_BACKOFF`` (connections wait in the backlog; running calls go on, and free fds
-        as they end), and say so once per episode rather than once per attempt."""
-        now = time.monotonic()
-        if self.fd_logged_at is None or now >= self.fd_logged_at + FD_LOG_EVERY:
-            self.fd_logged_at = now
-            self.log.warning(f"out of file descriptors ({what}): {len(self.calls)} "
-                             f"connection(s) open; new connections wait, retried every "
-                             f"{FD_BACKOFF:g}s (said once a minute at most)")
-        self._set_accepting(False)
-        if self.quitting is None and self.listen_sock is not None:
-            self.accept_resume_at = now + FD_BACKOFF
-
     def _add_call(self, sock: _socket.socket) -> None:
         self.last_activity = time.monotonic()
         self.spare_let_go = False
@@ -553,33 +512,6 @@ class Server:
     def _watch_call(self, call: Call) -> None:
         assert call.sock is not None
         self.sel.register(call.sock, EVENT_READ, lambda: self._call_readable(call))
-
-    def _defer_read(self, call: Call, nfds: int, why: str) -> None:
-        """No room for the ``nfds`` fds the call's next message brings: its socket is left
-        unread for ``FD_BACKOFF`` (read now, the kernel would drop the fds it cannot
-        install, MSG_CTRUNC, and the call would be lost); fds come back as calls end."""
-        assert call.sock is not None
-        self.sel.unregister(call.sock)
-        self.deferred.append(call)
-        self._out_of_fds(f"room for the {nfds} fds of a call: {why}")
-        self.read_resume_at = time.monotonic() + FD_BACKOFF
-
-    def _room_for_fds(self, nfds: int) -> str | None:
-        """Make sure ``nfds`` more fds can be opened: they are opened (copies of the
-        wakeup pipe's) and closed again, so the read that follows finds them free (one
-        thread).  None if they could be, else why not."""
-        got: list[int] = []
-        try:
-            for _ in range(nfds):
-                got.append(os.dup(self.wake_r))
-        except OSError as e:
-            if e.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
-                raise
-            return e.strerror or str(e)
-        finally:
-            for fd in got:
-                os.close(fd)
-        return None
 
     def _drop(self, call: Call) -> None:
         """Forget the connection (closing any fds it had delivered)."""
@@ -626,25 +558,13 @@ class Server:
     def _read_call(self, call: Call, sock: _socket.socket) -> None:
         """One read from a call's socket (see ``_call_readable``); ``BlockingIOError`` when
         there is nothing to read.  A request's fds are read only once there is room for
-        them all (else the read is deferred, see ``_defer_read``)."""
+        them all (else the read is deferred, see ``fdshort``)."""
         try:
             if call.parser is not None:
-                nfds = call.parser.fds_ahead()
-                short = self._room_for_fds(nfds) if nfds else None
-                if nfds is not None and short is None:
-                    data, fds = fdio.recv_with_fds(sock, 65536, protocol.SCM_MAX_FD)
-                else:
-                    # How many fds come next is not known yet, or there is no room for
-                    # them: only the bytes before them (an EOF, say) are read.
-                    data, fds_next = _recv_before_fds(sock)
-                    fds = []
-                    if fds_next and not data:
-                        if nfds is not None:
-                            self._defer_read(call, nfds, short or "")
-                            return
-                        # fds before the request says how many: not the protocol (the
-                        # parser says so, or the fds are cut short, ValueError)
-                        data, fds = fdio.recv_with_fds(sock, 65536, protocol.SCM_MAX_FD)
+                got = self._recv_request_part(call, sock)
+                if got is None:
+                    return  # deferred: no room for its fds yet
+                data, fds = got
             else:
                 data, fds = sock.recv(4096), []
         except BlockingIOError:
@@ -742,18 +662,6 @@ class Server:
                 call.sock.setblocking(False)
 
     # ------------------------------------------------------------ executors
-
-    def _dispatch(self) -> None:
-        """Start waiting calls while there are slots for them."""
-        while self.waiting and not self._full() and self.accept_resume_at is None:
-            self._start_waiting(self.waiting.pop(0), time.monotonic())
-
-    def _start_waiting(self, call: Call, now: float) -> None:
-        assert call.queued is not None
-        req, rest, _since = call.queued
-        call.queued = None
-        self.progress_at = now
-        self._start(call, req, rest)
 
     def _start(self, call: Call, req: protocol.Request, rest: bytes) -> None:
         """Hand a complete request to the spare (forked now if there is none; the next one
