@@ -197,16 +197,6 @@ def _detach(script: str) -> None:
     os.close(null)
 
 
-def _libc() -> Any:
-    """libc through ``ctypes`` (for ``glibcsig``'s raw ``rt_sigaction``), or None."""
-    try:
-        import ctypes
-
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-
-
 def _freeze_heap(fast_exit: bool) -> bool:
     """Ready the heap for forking (collected, frozen, trimmed) and arm the fast exit once
     for all executors; says whether it is armed."""
@@ -260,7 +250,7 @@ def _serve(config: ServerConfig) -> bool:
     if config.autoreload and reload is None:
         reload = ar.Autoreload(spec.birth_ns, files)
     prctl = _load_prctl()
-    glibcsig.reset_internal_signals(_libc())
+    glibcsig.reset_internal_signals()
     sys.stdout.flush()
     sys.stderr.flush()
     _warn_threads(log)
