@@ -20,7 +20,16 @@ from collections.abc import Sequence
 
 import psutil
 import pytest
-from harness import CLIENT, PYTHON, VENV_BIN, ProcRegistry, find_processes, wait_for, write_script
+from harness import (
+    CLIENT,
+    PYTHON,
+    REPO,
+    VENV_BIN,
+    ProcRegistry,
+    find_processes,
+    wait_for,
+    write_script,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -223,3 +232,38 @@ def test_idle_server_lets_its_spare_go(rundir: str, env: dict[str, str],
     assert servers.call(servers.scripts[0]) == servers.pids[0]
     wait_for(lambda: not server.children(), what="the spare let go again")
     assert "server failed" not in servers.log()
+
+
+#: Modules an idle server of a trivial script must not hold (each costs every idle server
+#: 0.3 to 1.6 MB, see docs/performance.md "Idle servers"): what the server needs of them it
+#: takes from their C cores (``_ctypes`` through ``prefork.common.cfunc``, ``_signal``,
+#: ``_socket``, ``_locale``, ``_weakref``), and what only some calls need is imported then.
+KEPT_OUT = ("argparse", "collections", "ctypes", "enum", "fnmatch", "functools", "glob",
+            "importlib.util", "json", "locale", "logging", "math", "pathlib", "platform", "re",
+            "selectors", "signal", "socket", "threading", "typing", "weakref")
+
+LIST_MODULES = """\
+import prefork
+prefork.initialisation_complete()
+import sys
+print(" ".join(sorted(sys.modules)))
+"""
+
+
+def test_idle_server_imports_only_what_it_needs(rundir: str, env: dict[str, str],
+                                                procs: ProcRegistry) -> None:
+    """A trivial script's server (no ``site``, as an installed script with ``-S`` runs)
+    holds none of ``KEPT_OUT``: an executor is a copy of the server, and the third call's
+    was forked after the server had logged and recorded earlier calls."""
+    site = subprocess.run([PY, "-c", "import site; print(site.getsitepackages()[0])"],
+                          check=True, capture_output=True, text=True, timeout=60).stdout.strip()
+    env = dict(env, PYTHONPATH=os.pathsep.join([str(REPO), site]))
+    script = write_script(rundir, "mods.py", LIST_MODULES, shebang=f"{CLIENT} -U,{PY},-S")
+    outs = []
+    for _ in range(3):
+        rc, out, err = procs.run([script], env=env, cwd=rundir)
+        assert (rc, err) == (0, b""), (rc, err)
+        outs.append(set(out.decode().split()))
+    assert "prefork.server.loop" in outs[-1]  # it did run in a server
+    for mods in outs:
+        assert sorted(set(KEPT_OUT) & mods) == []
