@@ -933,10 +933,11 @@ def _scale_side(name: str, n: int, ours: bool, reps: int) -> tuple[ScaleFacts, f
         one = med_ms(interleaved({"x": first}, reps)["x"]) if not ours else 0.0
         for sc in scripts:
             Cmd([client, *mode, sc], env, sec.err, ok=ok)()
-        # Idle: ours keeps the server (and the run directory's one shared watcher); the
-        # reference keeps the server and the C client's forked watcher.
+        # Idle: ours keeps the server (and, with more than one, the run directory's one
+        # shared watcher: a lone server watches itself); the reference keeps the server and
+        # the C client's forked watcher.
         per_server = 1 if ours else 2
-        _settle(sec.dir, n, per_server * n + (1 if ours else 0))
+        _settle(sec.dir, n, per_server * n + (1 if ours and n > 1 else 0))
         facts = _measure(sec.dir, n)
         if not ours:
             # The per-user run base is shared: other programs' starts meanwhile can push it

@@ -397,3 +397,15 @@ def describe(pids: Iterable[int]) -> str:
     for pid in sorted(pids):
         lines.append(f"  pid {pid}: {procfs.title(pid) or '?'}")
     return "\n".join(lines)
+
+
+def hold_self_watch(run_dir: str) -> int:
+    """Take the run directory's self-watch lock (``pwatcher.self``) as its self-watching
+    server would: every server started then stays with the shared watcher (for tests of
+    what the shared watcher does with a lone server).  Returns the fd; closing it lets go."""
+    import fcntl
+
+    fd = os.open(os.path.join(run_dir, "pwatcher.self"),
+                 os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd

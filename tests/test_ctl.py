@@ -39,6 +39,7 @@ from harness import (
     VENV_BIN,
     Lines,
     ProcRegistry,
+    hold_self_watch,
     kill_processes,
     scaled,
     wait_for,
@@ -203,9 +204,21 @@ def make_kind(client: str, side: str, rundir: str, env: dict[str, str],
     return Kind(client, side, script, base, ident, rundir, env)
 
 
+@pytest.fixture
+def shared_only(rundir: str) -> Iterator[None]:
+    """Every server of ``rundir`` with the shared watcher (none watches itself): what
+    prefork-ctl shows of a watcher.  The lone, self-watching server:
+    ``test_show_self_watching_server``."""
+    fd = hold_self_watch(rundir)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
 @pytest.fixture(params=COMBOS, ids=COMBO_IDS)
 def kind(request: pytest.FixtureRequest, rundir: str, env: dict[str, str],
-         c_run_dir: CRunDir) -> Kind:
+         c_run_dir: CRunDir, shared_only: None) -> Kind:
     client, side = request.param
     return make_kind(client, side, rundir, env, c_run_dir)
 
@@ -278,6 +291,23 @@ def test_show_tree_while_call_runs(kind: Kind, procs: ProcRegistry) -> None:
     p.wait(timeout=scaled(20))
 
 
+def test_show_self_watching_server(rundir: str, env: dict[str, str],
+                                   procs: ProcRegistry) -> None:
+    """A lone server of our client watches itself: no watcher, its lock and its own inotify
+    instance shown on its fds, our client named all the same."""
+    k = make_kind("ours", "python", rundir, env, None)
+    server = pids_of(k.call(procs)[1])["server"]
+    [e] = ctl_json("show", k.ident[:10], "--run-dir", rundir)
+    assert e["server"]["pid"] == server
+    assert e["watcher"] is None and e["self_watching"] is True
+    assert e["client"] == "prefork-interp (Python)"
+    notes = {n["note"].split(":")[0] for n in e["server"]["fds"]}
+    assert {"LISTEN", "self-watch lock", "its own inotify instance (its files, the run "
+            "directory)"} <= notes, e["server"]["fds"]
+    text = ctl("show", k.ident[:10], "--run-dir", rundir)
+    assert text.exit_code == 0 and "the server watches itself" in text.stdout, text.output
+
+
 # --------------------------------------------------------------------------- kill
 
 
@@ -318,7 +348,7 @@ def test_kill_lets_running_call_finish(kind: Kind, procs: ProcRegistry) -> None:
 
 
 def test_kill_forces_after_timeout(rundir: str, env: dict[str, str],
-                                   procs: ProcRegistry) -> None:
+                                   procs: ProcRegistry, shared_only: None) -> None:
     k = make_kind("ours", "python", rundir, env, None)
     p, _lines, pids = k.start_blocked(procs)
     tree = [pids["server"], pids["executor"], k.entry()["watcher"]["pid"]]
@@ -387,7 +417,7 @@ def _stale_socket(path: str) -> None:
 
 
 def test_clean_removes_only_stale(rundir: str, env: dict[str, str],
-                                  procs: ProcRegistry) -> None:
+                                  procs: ProcRegistry, shared_only: None) -> None:
     live = make_kind("ours", "python", rundir, env, None, name="live")
     live_server = pids_of(live.call(procs)[1])["server"]
     # a server killed hard: its socket, lock and log stay behind

@@ -27,6 +27,7 @@ from _procfacts import (
 )
 from harness import (
     ProcRegistry,
+    hold_self_watch,
     scaled,
     wait_for,
     write_script,
@@ -114,10 +115,15 @@ class Rig:
 
 @pytest.fixture
 def rig(rundir: str, env: dict[str, str], procs: ProcRegistry) -> Iterator[Rig]:
-    """The script in a fresh run directory."""
+    """The script in a fresh run directory.  Its servers stay with the
+    shared watcher (the self-watch lock is held: these tests are about the watcher's part;
+    a lone server that watches itself: ``test_reliability.py::``
+    ``test_self_watching_server_lost_socket_lets_calls_finish``)."""
+    lock = hold_self_watch(rundir)
     r = Rig(rundir, env, procs)
     r.script = write_script(rundir, "loop.py", SCRIPT)
     yield r
+    os.close(lock)
     for h in r.held:  # a client stopped by a failed test would never be reaped
         if h.proc.poll() is None:
             try:

@@ -25,12 +25,13 @@ from harness import (
     Lines,
     ProcRegistry,
     find_processes,
+    hold_self_watch,
     scaled,
     wait_for,
     write_script,
 )
 from heldcall import Held, start_held
-from procfs import fd_links, gone, has_connected_socket, signal_mask, title
+from procfs import cmdline_pids, fd_links, gone, has_connected_socket, signal_mask, title
 
 from prefork.common.locking import try_lock_file
 
@@ -100,7 +101,20 @@ class Rig:
 
 @pytest.fixture
 def rig(rundir: str, env: dict[str, str], procs: ProcRegistry) -> Iterator[Rig]:
-    """The reliability script in a fresh run directory."""
+    """The reliability script in a fresh run directory.  Its servers stay with the
+    shared watcher (the self-watch lock is held: these tests are about the watcher's part;
+    a lone server that watches itself: ``test_reliability.py::``
+    ``test_self_watching_server_lost_socket_lets_calls_finish``)."""
+    lock = hold_self_watch(rundir)
+    r = Rig(rundir, env, procs)
+    r.script = write_script(rundir, "rel.py", SCRIPT)
+    yield r
+    os.close(lock)
+
+
+@pytest.fixture
+def lone_rig(rundir: str, env: dict[str, str], procs: ProcRegistry) -> Iterator[Rig]:
+    """The reliability script in a fresh run directory, its server the self-watching one."""
     r = Rig(rundir, env, procs)
     r.script = write_script(rundir, "rel.py", SCRIPT)
     yield r
@@ -314,6 +328,34 @@ def test_lost_socket_lets_calls_finish_then_a_fresh_server(rig: Rig, fault: str)
     h.finish()
     wait_for(lambda: gone(h.server), what="the old server gone")
     watcher_of(sock)  # one watcher (a shared one, maybe started anew for the fresh server)
+    assert rig.ping() == fresh
+
+
+@pytest.mark.parametrize("fault", ["socket deleted", "socket replaced", "--kill"])
+def test_self_watching_server_lost_socket_lets_calls_finish(lone_rig: Rig, fault: str) -> None:
+    """A lone server (no watcher process: it watches itself) sees its socket go, lets its
+    running call finish with its own status, and quits; the next call starts a fresh one."""
+    rig = lone_rig
+    h = rig.hold(exit_code=4)
+    wait_for(lambda: not cmdline_pids("--shared", rig.rundir),
+             what="the shared watcher to let the server go and retire")
+    sock = socket_file(rig.rundir)
+    if fault == "--kill":
+        rc, out, err = rig.call(client_args=("--kill",))
+        assert (rc, out, err) == (0, b"", b"")
+    else:
+        os.unlink(sock)
+    if fault == "socket replaced":
+        stranger = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stranger.bind(sock)  # not listening: the next client replaces it in turn
+        stranger.close()
+    wait_for(lambda: "stopped accepting (lost socket" in log_text(rig.rundir),
+             what="the server noticed")
+    fresh = rig.ping()
+    assert fresh != h.server
+    assert not gone(h.executor)
+    h.finish()
+    wait_for(lambda: gone(h.server), what="the old server gone")
     assert rig.ping() == fresh
 
 

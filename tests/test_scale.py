@@ -20,7 +20,16 @@ from collections.abc import Sequence
 
 import psutil
 import pytest
-from harness import CLIENT, PYTHON, VENV_BIN, ProcRegistry, find_processes, wait_for, write_script
+from harness import (
+    CLIENT,
+    PYTHON,
+    REPO,
+    VENV_BIN,
+    ProcRegistry,
+    find_processes,
+    wait_for,
+    write_script,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -131,10 +140,15 @@ def _start_and_stop(rundir: str, env: dict[str, str], procs: ProcRegistry, n: in
     # Per server: the server and (until it is let go) its spare; and one watcher for all.
     assert watcher in everything
     assert len(everything) <= 2 * n + 1
+    # Two inotify instances: the shared watcher's (every server's staleness check holds a
+    # dup of it), and the first server's own (it watches itself: see selfwatch.py).
     distinct = instances(everything)
-    assert len(distinct) == 1, f"inotify instances: {distinct}"
-    assert distinct[0][0] == watcher or _same_file(distinct[0], inotify_fds([watcher])[0])
-    assert len(listing(rundir, env)) == n + 1  # n servers, and the "inotify" line
+    assert len(distinct) == 2, f"inotify instances: {distinct}"
+    watcher_fd = inotify_fds([watcher])[0]
+    assert sum(_same_file(d, watcher_fd) for d in distinct) == 1
+    own = [d for d in distinct if not _same_file(d, watcher_fd)]
+    assert [pid for pid, _ in own] == [servers.pids[0]]
+    assert len(listing(rundir, env)) == n  # n - 1 servers, and the "inotify" line
     # Every server still answers, and it is the same one.
     assert [servers.call(s) for s in servers.scripts[:3]] == servers.pids[:3]
     for s in servers.scripts:
@@ -153,49 +167,81 @@ def test_hundred_servers_share_one_watcher_and_one_inotify_instance(
 
 def test_socket_replaced_only_that_server_quits(rundir: str, env: dict[str, str],
                                                 procs: ProcRegistry) -> None:
-    servers = Servers(rundir, env, procs, 3)
-    a, b, c = servers.scripts
+    servers = Servers(rundir, env, procs, 4)
+    a, b, c, d = servers.scripts  # a watches itself, the others are the shared watcher's
     servers.kill(b)  # removes its socket: the watcher tells that server alone
     wait_for(lambda: _gone(servers.pids[1]), what="the killed server to quit")
     assert servers.call(a) == servers.pids[0]
     assert servers.call(c) == servers.pids[2]
-    assert len(listing(rundir, env)) == 3  # a, c and the "inotify" line
+    assert len(listing(rundir, env)) == 3  # c, d and the "inotify" line
     fresh = servers.call(b)
     assert fresh not in servers.pids
     assert len(shared_watchers(rundir)) == 1
+    servers.kill(a)  # the self-watching server sees its own socket go
+    wait_for(lambda: _gone(servers.pids[0]), what="the killed self-watching server to quit")
+    assert servers.call(c) == servers.pids[2]
+    assert servers.call(d) == servers.pids[3]
 
 
 def test_server_death_drops_its_entry(rundir: str, env: dict[str, str],
                                       procs: ProcRegistry) -> None:
-    servers = Servers(rundir, env, procs, 2)
-    os.kill(servers.pids[0], signal.SIGKILL)
+    servers = Servers(rundir, env, procs, 3)  # the first one watches itself
+    os.kill(servers.pids[1], signal.SIGKILL)
     wait_for(lambda: len(listing(rundir, env)) == 2, what="the dead server's entry dropped")
-    assert servers.call(servers.scripts[1]) == servers.pids[1]
+    assert servers.call(servers.scripts[2]) == servers.pids[2]
 
 
 def test_killed_watcher_takes_no_server_down(rundir: str, env: dict[str, str],
                                              procs: ProcRegistry) -> None:
     """The servers find their sockets still theirs, hand themselves to a new shared watcher
     and carry on; that watcher does the old one's job (staleness, sockets)."""
-    servers = Servers(rundir, env, procs, 3)
+    servers = Servers(rundir, env, procs, 3)  # the first one watches itself
     (old,) = shared_watchers(rundir)
     os.kill(old, signal.SIGKILL)
-    wait_for(lambda: servers.log().count("handed over to a new one") == 3,
-             what="every server handed over to a new watcher")
+    wait_for(lambda: servers.log().count("handed over to a new one") == 2,
+             what="every server of the watcher handed over to a new one")
     (new,) = shared_watchers(rundir)
     assert new != old
-    assert len(listing(rundir, env)) == 4
+    assert len(listing(rundir, env)) == 3
     assert [servers.call(s) for s in servers.scripts] == servers.pids
-    assert len(instances(find_processes([rundir]))) == 1
+    assert len(instances(find_processes([rundir]))) == 2
     # The new watcher tells of an edit, in time for the next call.
-    script = servers.scripts[0]
+    script = servers.scripts[2]
     st = os.stat(script)
     os.utime(script, ns=(st.st_atime_ns, time.time_ns() + 10**9))
-    assert servers.call(script) != servers.pids[0]
+    assert servers.call(script) != servers.pids[2]
     # ... and of a socket removed.
     servers.kill(servers.scripts[1])
     wait_for(lambda: _gone(servers.pids[1]), what="the killed server to quit")
-    assert servers.call(servers.scripts[2]) == servers.pids[2]
+    assert servers.call(servers.scripts[0]) == servers.pids[0]
+
+
+def test_lone_server_watches_itself(rundir: str, env: dict[str, str],
+                                    procs: ProcRegistry) -> None:
+    """One server in a run directory: it takes the self-watch lock, lets the shared watcher
+    go (which retires), and sees to its own socket and files with its own inotify
+    instance -- an idle one quits at an edit, with no call to look; the next server to
+    start is the self-watching one."""
+    servers = Servers(rundir, env, procs, 1)
+    pid = servers.pids[0]
+    wait_for(lambda: not shared_watchers(rundir), what="the shared watcher to retire")
+    assert not os.path.exists(os.path.join(rundir, "pwatcher.sock"))
+    wait_for(lambda: set(find_processes([rundir])) <= {pid, *(c.pid for c in
+                                                              psutil.Process(pid).children())},
+             what="the server (and its spare) alone")
+    assert [p for p, _ in instances([pid])] == [pid]
+    assert servers.call(servers.scripts[0]) == pid
+    script = servers.scripts[0]
+    st = os.stat(script)
+    os.utime(script, ns=(st.st_atime_ns, time.time_ns() + 10**9))
+    wait_for(lambda: _gone(pid), what="the idle server to quit at the edit")
+    assert "reloading" in servers.log()
+    fresh = servers.call(script)  # the lock was released with the server: this one has it
+    assert fresh != pid
+    wait_for(lambda: not shared_watchers(rundir), what="the shared watcher to retire again")
+    servers.kill(script)
+    wait_for(lambda: _gone(fresh), what="the self-watching server to quit when its socket goes")
+    wait_for(lambda: not find_processes([rundir]), what="nothing left")
 
 
 def test_edit_seen_by_the_very_next_call(rundir: str, env: dict[str, str],
@@ -223,3 +269,38 @@ def test_idle_server_lets_its_spare_go(rundir: str, env: dict[str, str],
     assert servers.call(servers.scripts[0]) == servers.pids[0]
     wait_for(lambda: not server.children(), what="the spare let go again")
     assert "server failed" not in servers.log()
+
+
+#: Modules an idle server of a trivial script must not hold (each costs every idle server
+#: 0.3 to 1.6 MB, see docs/performance.md "Idle servers"): what the server needs of them it
+#: takes from their C cores (``_ctypes`` through ``prefork.common.cfunc``, ``_signal``,
+#: ``_socket``, ``_locale``, ``_weakref``), and what only some calls need is imported then.
+KEPT_OUT = ("argparse", "collections", "ctypes", "enum", "fnmatch", "functools", "glob",
+            "importlib.util", "json", "locale", "logging", "math", "pathlib", "platform", "re",
+            "selectors", "signal", "socket", "threading", "typing", "weakref")
+
+LIST_MODULES = """\
+import prefork
+prefork.initialisation_complete()
+import sys
+print(" ".join(sorted(sys.modules)))
+"""
+
+
+def test_idle_server_imports_only_what_it_needs(rundir: str, env: dict[str, str],
+                                                procs: ProcRegistry) -> None:
+    """A trivial script's server (no ``site``, as an installed script with ``-S`` runs)
+    holds none of ``KEPT_OUT``: an executor is a copy of the server, and the third call's
+    was forked after the server had logged and recorded earlier calls."""
+    site = subprocess.run([PY, "-c", "import site; print(site.getsitepackages()[0])"],
+                          check=True, capture_output=True, text=True, timeout=60).stdout.strip()
+    env = dict(env, PYTHONPATH=os.pathsep.join([str(REPO), site]))
+    script = write_script(rundir, "mods.py", LIST_MODULES, shebang=f"{CLIENT} -U,{PY},-S")
+    outs = []
+    for _ in range(3):
+        rc, out, err = procs.run([script], env=env, cwd=rundir)
+        assert (rc, err) == (0, b""), (rc, err)
+        outs.append(set(out.decode().split()))
+    assert "prefork.server.loop" in outs[-1]  # it did run in a server
+    for mods in outs:
+        assert sorted(set(KEPT_OUT) & mods) == []

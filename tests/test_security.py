@@ -77,7 +77,8 @@ def test_run_dir_and_files_created_private_whatever_the_umask(
     for d in (os.path.join(rundir, "a"), os.path.join(rundir, "a", "b"), base):
         st = os.lstat(d)
         assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700, d
-    shared = {"pwatcher.sock", "pwatcher.lock", "pwatcher.busy"}  # the shared watcher's
+    # the shared watcher's, and the self-watching server's lock
+    shared = {"pwatcher.sock", "pwatcher.lock", "pwatcher.busy", "pwatcher.self"}
 
     def settled() -> list[str]:
         # lock, log, stat, socket: the stat file is (re)written just after the call ends

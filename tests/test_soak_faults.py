@@ -46,7 +46,16 @@ from dataclasses import dataclass, field
 
 import pytest
 from _procfacts import asleep_in_epoll, executors, log_text
-from harness import CLIENT, PYTHON, VENV_BIN, poll_until, scaled, wait_for, write_script
+from harness import (
+    CLIENT,
+    PYTHON,
+    VENV_BIN,
+    hold_self_watch,
+    poll_until,
+    scaled,
+    wait_for,
+    write_script,
+)
 from procfs import children, cmdline_pids, fd_count, gone, listening_pid, rss_kib, title
 
 CALLS = int(os.environ.get("PF_SOAK_CALLS", "10000"))
@@ -333,6 +342,8 @@ def _cpu_ticks(pid: int) -> int:
 @pytest.mark.soak
 @pytest.mark.timeout(1800)
 def test_soak_under_faults(rundir: str, env: dict[str, str]) -> None:
+    # Every server with the shared watcher (none watches itself): its kills are a fault.
+    self_lock = hold_self_watch(rundir)
     script = write_script(rundir, "soakf.py", SCRIPT.format(slow=SLOW))
     st = State(script, rundir, env)
     t0 = time.monotonic()
@@ -355,6 +366,7 @@ def test_soak_under_faults(rundir: str, env: dict[str, str]) -> None:
     cpu0 = {pid: _cpu_ticks(pid) for pid in [server, *watchers]}
     select.select([], [], [], IDLE_CPU_WINDOW)  # measuring idle CPU over a window
     idle_ticks = {pid: _cpu_ticks(pid) - t for pid, t in cpu0.items()}
+    os.close(self_lock)
     hz = os.sysconf("SC_CLK_TCK")
 
     lost, kinds = _lost(st)

@@ -4,7 +4,9 @@ The ``ctypes`` package builds dozens of classes when imported (0.7 MB of heap in
 process that imports it, for a server: in every idle server); its C core ``_ctypes`` with
 the one result type needed here costs 0.1 MB.  Arguments are passed as Python ``int`` and
 ``bytes`` (converted to C ``int``/``long`` and ``char *`` by ``_ctypes`` itself); every
-function returns a C ``int``, and keeps ``errno`` for ``errno()``.
+function returns a C ``int``, and keeps ``errno`` for ``errno()``.  A pointer argument is
+a ``Pointer`` (an address), ``None`` (NULL), ``bytes`` (read-only memory) or ``byref(buffer(n))``
+(memory the function writes).
 """
 
 from __future__ import annotations
@@ -15,10 +17,31 @@ import os
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from typing import Any
 
 
 class _CInt(_ctypes._SimpleCData):  # type: ignore[misc, name-defined, type-arg, unused-ignore]
     _type_ = "i"
+
+
+class Pointer(_ctypes._SimpleCData):  # type: ignore[misc, name-defined, type-arg, unused-ignore]
+    """A C ``void *``: ``Pointer(address)`` passes an address; ``.value`` reads one."""
+
+    _type_ = "P"
+
+
+POINTER_SIZE: int = _ctypes.sizeof(Pointer)
+byref = _ctypes.byref
+
+
+class _CChar(_ctypes._SimpleCData):  # type: ignore[misc, name-defined, type-arg, unused-ignore]
+    _type_ = "c"
+
+
+def buffer(size: int) -> Any:
+    """``size`` zeroed bytes a C function can write (``byref(buf)``); ``buf.raw`` reads them."""
+    array = type("_CBuffer", (_ctypes.Array,), {"_type_": _CChar, "_length_": size})
+    return array()
 
 
 class _CFunc(_ctypes.CFuncPtr):  # type: ignore[misc, name-defined, unused-ignore]
@@ -44,6 +67,24 @@ def function(name: str) -> Callable[..., int]:
         _program = _Program()
     f: Callable[..., int] = _CFunc((name, _program))  # type: ignore[arg-type, unused-ignore]
     return f
+
+
+def variable(name: str) -> Pointer | None:
+    """The program's global pointer variable ``name`` (e.g. libc's ``environ``), live: its
+    ``.value`` is the pointer's value whenever read; None if there is no such symbol."""
+    global _program
+    if _program is None:
+        _program = _Program()
+    try:
+        var: Pointer = Pointer.in_dll(_program, name)  # type: ignore[arg-type, attr-defined, unused-ignore]
+    except ValueError:
+        return None
+    return var
+
+
+def read_pointer(address: int) -> int:
+    """The pointer stored at ``address`` (0 for NULL)."""
+    return int(Pointer.from_address(address).value or 0)  # type: ignore[attr-defined, unused-ignore]
 
 
 def errno() -> int:

@@ -72,3 +72,6 @@ def stat_name(ident: str) -> str:
 #: lock under which one is started or retired.
 WATCHER_SOCKET_NAME = "pwatcher.sock"
 WATCHER_LOCK_NAME = "pwatcher.lock"
+#: Held (flock) by the run directory's one server that watches itself
+#: (``prefork/server/selfwatch.py``).
+WATCHER_SELF_NAME = "pwatcher.self"

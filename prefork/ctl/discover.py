@@ -135,6 +135,8 @@ class Entry:
     interpreter: str | None = None
     side: str | None = None
     client: str | None = None
+    self_watching: bool = False
+    """no watcher: the run directory's self-watching server (``pwatcher.self``)."""
     calls: int = 0
     stat_path: str | None = None
     stats: dict[str, object] | None = None
@@ -202,6 +204,7 @@ class Entry:
             "saved_seconds": self.saved_seconds(),
             "server": None if self.server is None else self.server.to_dict(now),
             "watcher": None if self.watcher is None else self.watcher.to_dict(now),
+            "self_watching": self.self_watching,
         }
 
 
@@ -465,6 +468,9 @@ def _with_server(ctx: _Scan, files: Entry, state: str, pid: int,
     if script is not None:
         script_path = os.path.normpath(os.path.join(cwd, script)) if cwd else script
     client = None
+    self_watching = watcher is None and _holds_self_lock(pid, ctx.run_dir)
+    if self_watching:
+        client = "prefork-interp (Python)"  # only our client's servers watch themselves
     if watcher is not None:
         first = watcher.title.split(" ", 1)[0]
         client = ("prefork-interp (Python)"
@@ -473,7 +479,15 @@ def _with_server(ctx: _Scan, files: Entry, state: str, pid: int,
     calls = sum(1 for c in server.children if not c.zombie and c.role != "spare")
     return replace(files, state=state, listen_inode=listen_inode, server=server,
                    watcher=watcher, script=script, script_path=script_path, cwd=cwd,
-                   interpreter=exe, side=side, client=client, calls=calls)
+                   interpreter=exe, side=side, client=client, calls=calls,
+                   self_watching=self_watching)
+
+
+def _holds_self_lock(pid: int, run_dir: str) -> bool:
+    """Whether ``pid`` holds the run directory's ``pwatcher.self`` open: the server that
+    watches itself (``prefork/server/selfwatch.py``)."""
+    want = os.path.join(run_dir, consts.WATCHER_SELF_NAME)
+    return want in kernel.process_fds(pid).values()
 
 
 def _script_from_argv(pid: int) -> str | None:
@@ -667,6 +681,10 @@ def _fd_notes(ctx: _Scan, pid: int, role: str, listen_inode: int | None,
                 note = f"WATCHE: watcher {watcher}'s stderr, {access or '?'} end"
         elif target.startswith(ctx.run_dir + "/p") and target.endswith(_LOG_SUFFIX):
             note = "server log"
+        elif role == "server" and target == os.path.join(ctx.run_dir, consts.WATCHER_SELF_NAME):
+            note = "self-watch lock: this server watches itself (no watcher)"
+        elif role == "server" and target == "anon_inode:inotify" and watcher is None:
+            note = "its own inotify instance (its files, the run directory)"
         if note is None and fd in _STDIO and (role != "server" or target != os.devnull):
             note = _STDIO[fd]
         if note is not None:

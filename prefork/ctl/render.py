@@ -190,6 +190,9 @@ def show_tree(e: Entry, now: float) -> Tree:
         node = _add_proc(tree, e.watcher, now)
         if e.server is not None:
             node.add(f"[dim]watches {escape(e.socket_path)} for server {e.server.pid}[/]")
+    elif e.server is not None and e.self_watching:
+        tree.add("[dim]watcher: none, the server watches itself (the run directory's "
+                 "self-watching server)[/]")
     elif e.server is not None:
         tree.add("[yellow]watcher: none found[/] (gone, or the server stopped watching)")
     return tree

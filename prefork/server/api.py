@@ -197,16 +197,6 @@ def _detach(script: str) -> None:
     os.close(null)
 
 
-def _libc() -> Any:
-    """libc through ``ctypes`` (for ``glibcsig``'s raw ``rt_sigaction``), or None."""
-    try:
-        import ctypes
-
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-
-
 def _freeze_heap(fast_exit: bool) -> bool:
     """Ready the heap for forking (collected, frozen, trimmed) and arm the fast exit once
     for all executors; says whether it is armed."""
@@ -246,7 +236,16 @@ def _serve(config: ServerConfig) -> bool:
     files = [*ar.module_files(), *config.reload_paths] if config.autoreload else []
     reload: ar.Autoreload | WatchLink | None = None
     link = None
-    if spec.shared_watcher:  # our client: the run directory's shared watcher
+    self_watch = None
+    if spec.shared_watcher:  # our client: the run directory's one self-watching server?
+        from prefork.server.selfwatch import SelfWatch
+
+        self_watch = SelfWatch.claim(ends.listen_sock.getsockname(), spec.birth_ns, files)
+    if self_watch is not None:  # watching itself already: the shared watcher lets it go
+        os.close(spec.watch_in)
+        os.close(spec.watch_err)
+        reload = self_watch.reload if config.autoreload else None
+    elif spec.shared_watcher:  # our client: the run directory's shared watcher
         from prefork.common.watchwire import WatchError
         from prefork.server.watchlink import WatchLink
 
@@ -260,7 +259,7 @@ def _serve(config: ServerConfig) -> bool:
     if config.autoreload and reload is None:
         reload = ar.Autoreload(spec.birth_ns, files)
     prctl = _load_prctl()
-    glibcsig.reset_internal_signals(_libc())
+    glibcsig.reset_internal_signals()
     sys.stdout.flush()
     sys.stderr.flush()
     _warn_threads(log)
@@ -281,6 +280,7 @@ def _serve(config: ServerConfig) -> bool:
                         idle_timeout=config.idle_timeout, autoreload=reload,
                         saved_signals=saved, keep_fds=ends.keep_fds, script=config.script,
                         prctl=prctl, set_title=_title, learner=learner, watch_link=link,
+                        self_watch=self_watch,
                         spare_idle=config.spare_idle, max_wait=config.max_wait)
         fast = _freeze_heap(config.fast_exit)
         # Kept referenced for good: in an executor, run() returns and dropping the server

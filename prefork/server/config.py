@@ -8,10 +8,11 @@ checked; everything else reads the frozen ``ServerConfig``.  Pure: no fds are to
 
 from __future__ import annotations
 
-import math
 import os
 
 from prefork.common import envspec
+
+_INF = float("inf")  # (no ``math``: NaN is the one value outside [-inf, inf])
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -44,9 +45,9 @@ def _max_servers(value: object) -> int:
 def _idle_timeout(value: object, what: str = "idle_timeout") -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -_INF <= value <= _INF:
         raise ConfigError(f"{what} must be a number of seconds or None, not {value!r}")
-    if value < 0 or math.isinf(value):
+    if value < 0 or value == _INF:
         return None  # never
     return value
 
@@ -54,9 +55,9 @@ def _idle_timeout(value: object, what: str = "idle_timeout") -> float | None:
 def _spare_idle(value: object) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -_INF <= value <= _INF:
         raise ConfigError(f"spare_idle must be a number of seconds or None, not {value!r}")
-    if value < 0 or math.isinf(value):
+    if value < 0 or value == _INF:
         return None  # never let go
     return value
 

@@ -5,52 +5,60 @@ and exec keeps an ignored signal ignored: the setup process the client spawns (a
 server, every executor and every child the script starts) would have them ignored, where
 a direct run, started by a shell, has them at default.  glibc's ``sigaction`` refuses
 them, so the kernel's ``rt_sigaction`` is called directly (system call numbers by
-architecture; elsewhere nothing is done).
+architecture; elsewhere nothing is done), through ``prefork.common.cfunc`` (the ``ctypes``
+package, or ``platform`` for the machine's name, would cost every idle server 0.8 and
+1.6 MB).
 """
 
 from __future__ import annotations
 
-import platform
+import _struct
+import os
+
+from prefork.common import cfunc
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import ctypes
+    from collections.abc import Callable
 
-#: ``rt_sigaction``'s number by ``platform.machine()``.
+#: ``rt_sigaction``'s number by ``os.uname().machine``.
 _RT_SIGACTION = {"x86_64": 13, "aarch64": 134, "riscv64": 134, "ppc64le": 173, "ppc64": 173,
                  "s390x": 174, "i686": 174, "i386": 174, "armv7l": 174}
 GLIBC_INTERNAL = (32, 33)
 _SIG_IGN = 1
+#: struct kernel_sigaction: handler, flags, restorer, mask (4 unsigned longs).
+_SIGACTION = _struct.Struct("4L")
 
 
 #: libc's ``syscall``, kept by ``reset_internal_signals`` for ``set_ignored`` in executors.
-_syscall: object = None
+_syscall: Callable[..., int] | None = None
 
 
 def _swap(sig: int, handler: int | None) -> int | None:
     """The handler of ``sig`` (and, unless None, set ``handler``: SIG_DFL 0 or SIG_IGN 1)."""
-    nr = _RT_SIGACTION.get(platform.machine())
+    nr = _RT_SIGACTION.get(os.uname().machine)
     syscall = _syscall
-    if nr is None or not callable(syscall):
+    if nr is None or syscall is None:
         return None
-    import ctypes
-
-    # struct kernel_sigaction: handler, flags, restorer, mask -- all zero but the handler
-    # is that handler with no flags and an empty mask, whatever the field order.
-    old = (ctypes.c_ulong * 4)()
-    if syscall(nr, sig, None, ctypes.byref(old), 8) != 0:
+    # The new action is the handler with no flags and an empty mask, whatever the field
+    # order: all the other fields are zero.
+    old = cfunc.buffer(_SIGACTION.size)
+    if syscall(nr, sig, None, cfunc.byref(old), 8) != 0:
         return None
-    if handler is not None and old[0] in (0, _SIG_IGN) and old[0] != handler:
-        new = (ctypes.c_ulong * 4)(handler)
-        if syscall(nr, sig, ctypes.byref(new), None, 8) != 0:
-            return None
-    return int(old[0])
+    current = int(_SIGACTION.unpack(old.raw)[0])
+    if (handler is not None and current in (0, _SIG_IGN) and current != handler
+            and syscall(nr, sig, _SIGACTION.pack(handler, 0, 0, 0), None, 8) != 0):
+        return None
+    return current
 
 
-def reset_internal_signals(libc: ctypes.CDLL | None) -> list[int]:
+def reset_internal_signals() -> list[int]:
     """Set signals 32 and 33 to ``SIG_DFL`` where they are ignored; return those reset."""
     global _syscall
-    _syscall = getattr(libc, "syscall", None)
+    try:
+        _syscall = cfunc.function("syscall")
+    except AttributeError:
+        return []
     return [sig for sig in GLIBC_INTERNAL if _swap(sig, 0) == _SIG_IGN]
 
 

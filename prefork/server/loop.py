@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 
     from prefork.server.learn import Learner
     from prefork.server.log import ServerLog
+    from prefork.server.selfwatch import SelfWatch
     from prefork.server.spare import Closable
     from prefork.server.watchlink import WatchLink
 
@@ -154,6 +155,7 @@ class Server(FdShortage, WaitingCalls):
                  prctl: Callable[..., int] | None,
                  set_title: Callable[[str], None] | None = None,
                  learner: Learner | None = None, watch_link: WatchLink | None = None,
+                 self_watch: SelfWatch | None = None,
                  spare_idle: float | None = SPARE_IDLE, max_wait: float | None = 1.0) -> None:
         self.listen_sock: _socket.socket | None = listen_sock
         self.first_call_sock = call_sock
@@ -167,7 +169,9 @@ class Server(FdShortage, WaitingCalls):
         self.autoreload = autoreload
         #: The shared watcher (our client): it owns WATCHI/WATCHE then.
         self.watch_link = watch_link
-        if watch_link is not None:
+        #: The run directory's self-watching server (no watcher: see selfwatch.py).
+        self.self_watch = self_watch
+        if watch_link is not None or self_watch is not None:
             self.watch_in_fd = self.watch_err_fd = -1
         #: The spare is let go after this long without calls (the fork ahead of a call
         #: saves time only under traffic; an idle server is smaller without it).
@@ -237,6 +241,9 @@ class Server(FdShortage, WaitingCalls):
         self.sel.register(self.wake_r, EVENT_READ, self._drain_wakeups)
         self.sel.register(self._watch_fd(), EVENT_READ, self._watch_event)
         self._add_call(self.first_call_sock)
+        if self.self_watch is not None and not self.self_watch.socket_is_ours():
+            # (gone before its watch: no event will say so)
+            self._begin_quit("lost socket (fresh start, --kill or cleanup)")
         self._set_accepting(True)
         self.log.info(f"server started (pid {os.getpid()}, max_servers {self.max_servers}, "
                       f"idle timeout {self.idle_timeout})")
@@ -369,6 +376,8 @@ class Server(FdShortage, WaitingCalls):
             pass
         if self.watch_link is not None:
             self.watch_link.close()
+        if self.self_watch is not None:
+            self.self_watch.close()
         for fd in (self.watch_in_fd, self.watch_err_fd):
             if fd >= 0:
                 os.close(fd)
@@ -405,7 +414,20 @@ class Server(FdShortage, WaitingCalls):
             self.sel.unregister(self.listen_sock)
 
     def _watch_fd(self) -> int:
+        if self.self_watch is not None:
+            return self.self_watch.fileno()
         return self.watch_err_fd if self.watch_link is None else self.watch_link.watch_err_fd
+
+    def _self_watch_event(self, watch: SelfWatch) -> None:
+        """The self-watching server's inotify fd: its socket's name gone or replaced (it
+        quits, as when a v1 watcher closes WATCHE), or a file of its program changed (it
+        quits now, idle or not, as when the shared watcher says ``stale``)."""
+        why = watch.reload.stale()  # (reads the events, whatever they name)
+        if not watch.socket_is_ours():
+            self._begin_quit("lost socket (fresh start, --kill or cleanup)")
+        elif why is not None and self.autoreload is not None:
+            self.log.info(f"reloading: {why} changed since the server started")
+            self._begin_quit(f"stale ({why})")
 
     def _link_event(self, link: WatchLink) -> None:
         """WATCHE from the shared watcher: stale, an error, or EOF -- the socket gone, or
@@ -435,6 +457,10 @@ class Server(FdShortage, WaitingCalls):
             self.log.warning("the shared watcher was lost: handed over to a new one")
 
     def _watch_event(self) -> None:
+        if self.self_watch is not None:
+            if self.quitting is None:
+                self._self_watch_event(self.self_watch)
+            return
         if self.watch_link is not None:
             if self.watch_link.watch_err_fd >= 0:  # else closed earlier in this pass
                 self._link_event(self.watch_link)

@@ -14,19 +14,21 @@ from ``os.urandom``.  Seeds are seen from ``import prefork`` on: ``watch_random`
 
 from __future__ import annotations
 
+import _weakref
 import sys
-import weakref
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import random as _random_mod
+    import weakref
     from collections.abc import Callable
     from types import ModuleType
     from typing import Any
 
 #: Random instances seen being seeded: True = explicitly (a value or a state), False = from
 #: the system's randomness.
-_seeded: weakref.WeakKeyDictionary[object, bool] = weakref.WeakKeyDictionary()
+#: Made when ``random`` is first watched (``weakref`` would cost every idle server 0.5 MB).
+_seeded: weakref.WeakKeyDictionary[object, bool] | None = None
 #: Set in the server at freeze time: the global generator's state to restore in each call
 #: (None: it was not seeded explicitly; random's own fork hook reseeds it) ...
 _global_state: object = None
@@ -37,6 +39,8 @@ _callbacks: list[Callable[[], object]] = []
 
 
 def _note(inst: object, explicit: bool) -> None:
+    if _seeded is None:
+        return
     try:
         _seeded[inst] = explicit
     except TypeError:  # a subclass without __weakref__: not tracked
@@ -47,9 +51,14 @@ def watch_random(module: ModuleType) -> None:
     """Record explicit seeds of ``module`` (``random``) from now on: wrap ``Random.seed``
     and ``Random.setstate``, and rebind the module's ``seed``/``setstate`` functions (bound
     to its global instance at import) to the wrapped methods."""
+    global _seeded
     cls = module.Random
     if getattr(cls.seed, "_prefork_watched", False):
         return
+    if _seeded is None:
+        import weakref
+
+        _seeded = weakref.WeakKeyDictionary()
     seed, setstate = cls.seed, cls.setstate
 
     def watched_seed(self: object, a: object = None, version: int = 2) -> None:
@@ -80,7 +89,7 @@ def remember_global() -> None:
     module = sys.modules.get("random")
     if module is not None:
         inst = module._inst
-        _global_state = inst.getstate() if _seeded.get(inst) else None
+        _global_state = inst.getstate() if _seeded is not None and _seeded.get(inst) else None
 
 
 def remember() -> None:
@@ -94,8 +103,9 @@ def remember() -> None:
     objects = gc.get_objects()
     inst = module._inst
     cls = module.Random
-    _reseed[:] = [weakref.ref(o) for o in objects
-                  if isinstance(o, cls) and o is not inst and not _seeded.get(o, False)
+    seeded = _seeded if _seeded is not None else {}
+    _reseed[:] = [_weakref.ref(o) for o in objects
+                  if isinstance(o, cls) and o is not inst and not seeded.get(o, False)
                   and hasattr(type(o), "__weakref__")]
 
 

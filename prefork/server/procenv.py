@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import os
 
+from prefork.common import cfunc
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any
+    from collections.abc import Callable
 
 
 def _stat_fields() -> list[bytes]:
@@ -27,29 +29,29 @@ def _stat_fields() -> list[bytes]:
     return data[data.rindex(b")") + 2:].split()
 
 
-def _lookup_environ() -> Any:
-    import ctypes
-
+def _lookup() -> tuple[cfunc.Pointer | None, Callable[..., int] | None]:
+    """libc's ``environ`` variable and its ``memmove``, through ``prefork.common.cfunc``
+    (the ``ctypes`` package would cost every idle server 0.8 MB)."""
     try:
-        return ctypes.c_void_p.in_dll(ctypes.CDLL(None), "environ")
-    except (OSError, ValueError):
-        return None
+        return cfunc.variable("environ"), cfunc.function("memmove")
+    except (OSError, AttributeError):
+        return None, None
 
 
-#: libc's ``environ`` variable, looked up once in the server (this module is imported
-#: there, before the fork); None: unknown, nothing is written.
-_environ_var: Any = _lookup_environ()
+#: libc's ``environ`` variable and ``memmove``, looked up once in the server (this module
+#: is imported there, before the fork); None: unknown, nothing is written.
+_environ_var, _memmove = _lookup()
 
 
-def _environ_points_into(ctypes: Any, start: int, end: int, count: int) -> bool:
+def _environ_points_into(start: int, end: int, count: int) -> bool:
     """Does any string of the C ``environ`` (about ``count`` of them) lie in the block?"""
     if _environ_var is None:
         return True
     base = _environ_var.value
     if not base:
         return False
-    pointers = (ctypes.c_void_p * (count + 1)).from_address(base)
-    for p in pointers:
+    for i in range(count + 1):
+        p = cfunc.read_pointer(base + i * cfunc.POINTER_SIZE)
         if not p:
             return False
         if start <= p < end:
@@ -60,8 +62,9 @@ def _environ_points_into(ctypes: Any, start: int, end: int, count: int) -> bool:
 def show_environ(environ: os._Environ[bytes]) -> bool:
     """Write ``environ`` into this process's original environment block; False if it does
     not fit (or the kernel does not say where the block is)."""
-    import ctypes
-
+    memmove = _memmove
+    if memmove is None:
+        return False
     try:
         fields = _stat_fields()
         # Fields 48..51 of /proc/PID/stat (1-based; index 0 here is field 3): arg_start,
@@ -72,12 +75,12 @@ def show_environ(environ: os._Environ[bytes]) -> bool:
     if not env_start or env_end <= env_start:
         return False
     size = env_end - env_start
-    if _environ_points_into(ctypes, env_start, env_end, len(environ)):
+    if _environ_points_into(env_start, env_end, len(environ)):
         return False  # setproctitle did not move the strings: they must stay
     blob = b"".join(k + b"=" + v + b"\0" for k, v in environ.items())
     if len(blob) > size:
         blob = b""
     if arg_end:
-        ctypes.memset(arg_end - 1, 0, 1)
-    ctypes.memmove(env_start, blob + b"\0" * (size - len(blob)), size)
+        memmove(cfunc.Pointer(arg_end - 1), b"\0", 1)
+    memmove(cfunc.Pointer(env_start), blob + b"\0" * (size - len(blob)), size)
     return bool(blob) or not environ
