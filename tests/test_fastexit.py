@@ -1,9 +1,14 @@
-"""The fast exit under prefork-server costs the script's code nothing (issue 13, point 5).
+"""The fast exit costs the script's code nothing (issue 13, point 5).
 
-The runner ends every executor itself (``fastexit.caller_exits()``): no ``sys.monitoring``
-event is armed while the script runs, so an exception costs what it costs directly; and yet
-every way a call can end still takes the fast exit, with the status and output of a direct
-run.  (Speed itself is measured in ``make bench``, section (h), not here.)
+Under prefork-server the runner ends every executor itself (``fastexit.caller_exits()``):
+no ``sys.monitoring`` event is armed while the script runs.  A script that calls
+``initialisation_complete()`` itself has no global event set while it runs either: its
+return is a local event, an uncaught exception is seen through ``sys.excepthook``, a
+``SystemExit`` from ``sys.exit``/``exit()`` arms the global events while it is in flight.
+Either way an exception costs what it costs directly, and every way a call can end gives the
+status and output of a direct run, through the fast exit where it is seen (the server's
+object is not finalized) and through the interpreter's own shutdown where it is not.
+(Speed itself is measured in ``make bench``, section (h), not here.)
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ outermost Python frame of the executor ends (Python 3.12+), we do what the rest 
    files keep their data); flush stdout/stderr again, quietly (as their deallocation would);
 7. after an uncaught ``KeyboardInterrupt`` (exactly that type): death by SIGINT.
 
-Objects the server created before the fork are not finalized (that is the point).  Both are
-documented.
+Objects the server created before the fork are not finalized (that is the point; documented
+in docs/transparency.md).
 
 Who calls ``finish()``:
 
