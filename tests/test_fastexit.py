@@ -148,6 +148,22 @@ if what == "argparse":
     argparse.ArgumentParser(prog="p").parse_args(["--nope"])
 if what == "bound-exit":
     bound.leave(8)
+if what == "asyncio":
+    import asyncio
+    async def main():
+        await asyncio.sleep(0)
+        sys.exit(12)
+    asyncio.run(main())
+if what == "with":
+    import contextlib
+    @contextlib.contextmanager
+    def cleaning():
+        try:
+            yield
+        finally:
+            print(" cleaned", end="")
+    with cleaning():
+        sys.exit(13)
 if what == "hook-exits":
     def hook(*info):
         sys.exit(9)
@@ -159,6 +175,7 @@ BOUND = "def leave(n):\n    exit(n)\n"
 OWN_ENDS = {"normal": (0, True), "top-exit": (5, True), "exit": (3, True),
             "msg": (1, True), "raise": (1, True), "kbi": (-signal.SIGINT, True),
             "quit": (6, True), "argparse": (2, True), "bound-exit": (8, True),
+            "asyncio": (12, True), "with": (13, True),
             # Not seen: the interpreter's own (slower) shutdown, as directly.
             "raise-exit": (4, False), "hook-exits": (9, False)}
 
@@ -168,8 +185,8 @@ def test_every_ending_of_a_script_of_its_own(env: dict[str, str], procs: ProcReg
                                              tmp_path: Path, what: str) -> None:
     """A script calling initialisation_complete() itself: sys.exit at top level and in
     nested frames (a message too), exit(), argparse's error exit, sys.exit bound by
-    ``from sys import exit`` before the fork, an uncaught exception, KeyboardInterrupt:
-    the fast exit, with the status and output of a direct run.  ``raise SystemExit(4)``,
+    ``from sys import exit`` before the fork, in a coroutine under asyncio.run, through a
+    context manager's cleanup, an uncaught exception, KeyboardInterrupt: the fast exit, with the status and output of a direct run.  ``raise SystemExit(4)``,
     and a hook the script set itself raising SystemExit, are not seen by it: the normal
     shutdown, with the status and output of a direct run all the same."""
     (tmp_path / "bound.py").write_text("from sys import exit\n" + BOUND)
@@ -250,6 +267,9 @@ def hook(typ, value, tb):
         raise RuntimeError("the hook failed")
 if sys.argv[1].startswith("before"):
     sys.excepthook = hook
+if sys.argv[1] == "before-partial":  # a hook without __name__, __qualname__, __module__
+    import functools
+    sys.excepthook = functools.partial(hook)
 '''
 HOOKS = '''\
 what = sys.argv[1]
@@ -269,6 +289,7 @@ raise ValueError(sys.argv[2])
 '''
 #: (hook, its value): whether the fast exit is taken.
 HOOK_CASES = {("before", "boom"): True, ("before", "exit"): True, ("before", "fail"): True,
+              ("before-partial", "boom"): True,
               ("default-restored", "boom"): True,
               # Not seen: the hook the script set during the call, or its own calling ours.
               ("during", "boom"): False, ("chained", "boom"): False}

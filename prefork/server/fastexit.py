@@ -294,9 +294,13 @@ def _check_dropped(exc: BaseException) -> None:
 
 
 def _like(wrapper: Callable[..., Any], real: Any) -> None:
-    """Give ``wrapper`` the name, module and documentation of the builtin it stands for."""
+    """Give ``wrapper`` the name, module and documentation of the callable it stands for
+    (a builtin, or a hook the script set: maybe an object without them)."""
     for attr in ("__name__", "__qualname__", "__module__", "__doc__"):
-        setattr(wrapper, attr, getattr(real, attr))
+        try:
+            setattr(wrapper, attr, getattr(real, attr))
+        except (AttributeError, TypeError):
+            pass
     wrapper.__wrapped__ = real  # type: ignore[attr-defined]
 
 
