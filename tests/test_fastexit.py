@@ -186,9 +186,10 @@ def test_every_ending_of_a_script_of_its_own(env: dict[str, str], procs: ProcReg
     """A script calling initialisation_complete() itself: sys.exit at top level and in
     nested frames (a message too), exit(), argparse's error exit, sys.exit bound by
     ``from sys import exit`` before the fork, in a coroutine under asyncio.run, through a
-    context manager's cleanup, an uncaught exception, KeyboardInterrupt: the fast exit, with the status and output of a direct run.  ``raise SystemExit(4)``,
-    and a hook the script set itself raising SystemExit, are not seen by it: the normal
-    shutdown, with the status and output of a direct run all the same."""
+    context manager's cleanup, an uncaught exception, KeyboardInterrupt: the fast exit,
+    with the status and output of a direct run.  ``raise SystemExit(4)``, and a hook the
+    script set itself raising SystemExit, are not seen by it: the normal shutdown, with the
+    status and output of a direct run all the same."""
     (tmp_path / "bound.py").write_text("from sys import exit\n" + BOUND)
     script = own_script(tmp_path, OWN_ENDINGS, pre="import bound")
     status, fast = OWN_ENDS[what]
