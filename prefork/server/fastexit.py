@@ -37,12 +37,14 @@ Who calls ``finish()``:
     it stands for and finishes (step 3 on; C has done steps 1 and 2 up to the hook);
   * ``SystemExit`` is handled in C without the hook, and its status is then known only to
     C: ``sys.exit`` (looked up at call time by argparse, click...; also rebound in the
-    modules that did ``from sys import exit`` before the fork) is a wrapper, and the
-    builtins ``exit()``/``quit()`` have a local ``PY_START`` event, that turn on the global
-    ``PY_UNWIND`` and ``EXCEPTION_HANDLED`` events only while that ``SystemExit`` is in
-    flight: the unwinding of the main module's frame finishes; once the exception has
-    been caught and dropped (the next exception not raised while handling it), they are
-    turned off again.  The wrapper's own frame is taken out of the traceback.
+    modules that did ``from sys import exit`` before the fork, under ``_EXIT_NAMES``) is
+    a wrapper, and the builtins ``exit()``/``quit()`` have a local ``PY_START`` event,
+    that turn on the global ``PY_UNWIND`` and ``EXCEPTION_HANDLED`` events only while that
+    ``SystemExit`` is in flight: the unwinding of the main module's frame finishes; once
+    the exception has been caught and dropped (the next exception not raised while
+    handling it), they are turned off again.  The wrapper's own frame is taken out of the
+    traceback; the exception is followed by its id (and its args, held: an id is reused),
+    not referenced, so that its frames die when a direct run's would.
 
   What none of these sees ends with the interpreter's own, slower, shutdown, after
   unfreezing the heap (as on 3.11, below), with the status and output of a direct run: a
@@ -304,8 +306,13 @@ def _like(wrapper: Callable[..., Any], real: Any) -> None:
     wrapper.__wrapped__ = real  # type: ignore[attr-defined]
 
 
+#: Names under which a module may have bound ``sys.exit`` (``from sys import exit``).
+_EXIT_NAMES = ("exit", "sys_exit")
+
+
 def _wrap_exit() -> None:
-    """``sys.exit`` becomes ``_exit``, there and wherever a module bound it."""
+    """``sys.exit`` becomes ``_exit``, there and in the modules that bound it under one of
+    ``_EXIT_NAMES`` (a look-up per module: a scan of every global took 7 ms at start-up)."""
     _like(_exit, _REAL_EXIT)
     for mod in list(sys.modules.values()):
         try:  # (a module: no lazy module's __getattr__ is called)
@@ -314,8 +321,8 @@ def _wrap_exit() -> None:
             continue
         if type(names) is not dict or names is globals():
             continue
-        for name, value in list(names.items()):
-            if value is _REAL_EXIT:
+        for name in _EXIT_NAMES:
+            if names.get(name) is _REAL_EXIT:
                 names[name] = _exit
 
 
