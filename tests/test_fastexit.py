@@ -148,6 +148,8 @@ if what == "argparse":
     argparse.ArgumentParser(prog="p").parse_args(["--nope"])
 if what == "bound-exit":
     bound.leave(8)
+if what == "module-raise-exit":
+    bound.raise_exit(10)
 if what == "asyncio":
     import asyncio
     async def main():
@@ -170,14 +172,14 @@ if what == "hook-exits":
     sys.excepthook = hook
     raise ValueError
 '''
-BOUND = "def leave(n):\n    exit(n)\n"
+BOUND = "def leave(n):\n    exit(n)\ndef raise_exit(n):\n    raise SystemExit(n)\n"
 #: How each ending ends, and whether it takes the fast exit.
 OWN_ENDS = {"normal": (0, True), "top-exit": (5, True), "exit": (3, True),
             "msg": (1, True), "raise": (1, True), "kbi": (-signal.SIGINT, True),
             "quit": (6, True), "argparse": (2, True), "bound-exit": (8, True),
-            "asyncio": (12, True), "with": (13, True),
+            "asyncio": (12, True), "with": (13, True), "raise-exit": (4, True),
             # Not seen: the interpreter's own (slower) shutdown, as directly.
-            "raise-exit": (4, False), "hook-exits": (9, False)}
+            "module-raise-exit": (10, False), "hook-exits": (9, False)}
 
 
 @pytest.mark.parametrize("what", sorted(OWN_ENDS))
@@ -187,9 +189,10 @@ def test_every_ending_of_a_script_of_its_own(env: dict[str, str], procs: ProcReg
     nested frames (a message too), exit(), argparse's error exit, sys.exit bound by
     ``from sys import exit`` before the fork, in a coroutine under asyncio.run, through a
     context manager's cleanup, an uncaught exception, KeyboardInterrupt: the fast exit,
-    with the status and output of a direct run.  ``raise SystemExit(4)``, and a hook the
-    script set itself raising SystemExit, are not seen by it: the normal shutdown, with the
-    status and output of a direct run all the same."""
+    with the status and output of a direct run; so does ``raise SystemExit(4)`` in the
+    script's own file.  Not seen by it, ``raise SystemExit(10)`` in another module, and a
+    hook the script set itself raising SystemExit: the normal shutdown, with the status and
+    output of a direct run all the same."""
     (tmp_path / "bound.py").write_text("from sys import exit\n" + BOUND)
     script = own_script(tmp_path, OWN_ENDINGS, pre="import bound")
     status, fast = OWN_ENDS[what]
@@ -233,6 +236,12 @@ except SystemExit as e:
 print("after the catch")
 loop()
 print("caught, then", events())
+try:
+    raise SystemExit(5)
+except SystemExit:
+    pass
+loop()
+print("raised, caught, then", events())
 t = threading.Thread(target=leave, args=(3,))
 t.start()
 t.join()
@@ -247,7 +256,8 @@ def test_no_global_event_in_a_script_of_its_own(env: dict[str, str], procs: Proc
     """While a script that called initialisation_complete() itself runs, no sys.monitoring
     event is set globally (the old fast exit set PY_UNWIND, which fires on every frame any
     exception unwinds); nor after a sys.exit() that was caught (in the main thread, through
-    a ``with`` and a ``finally`` handling an exception of its own) or that ended a thread.
+    a ``with`` and a ``finally`` handling an exception of its own) or that ended a thread,
+    nor after a ``raise SystemExit(5)`` that was caught.
     The caught SystemExit's traceback is a direct run's (no wrapper frame), and the frame
     that raised it dies when the handler drops it, as directly."""
     script = own_script(tmp_path, EVENTS_DURING)
@@ -255,7 +265,7 @@ def test_no_global_event_in_a_script_of_its_own(env: dict[str, str], procs: Proc
     assert want[0] == 4
     out = want[1].decode()
     assert "running {}\n" in out and "caught, then {}\n" in out
-    assert "a thread's exit, then {}\n" in out
+    assert "a thread's exit, then {}\n" in out and "raised, caught, then {}\n" in out
     assert out.index("finalized noisy") < out.index("after the catch")
 
 

@@ -38,8 +38,10 @@ Who calls ``finish()``:
   * ``SystemExit`` is handled in C without the hook, and its status is then known only to
     C: ``sys.exit`` (looked up at call time by argparse, click...; also rebound in the
     modules that did ``from sys import exit`` before the fork, under ``_EXIT_NAMES``) is
-    a wrapper, and the builtins ``exit()``/``quit()`` have a local ``PY_START`` event,
-    that turn on the global ``PY_UNWIND`` and ``EXCEPTION_HANDLED`` events only while that
+    a wrapper, the builtins ``exit()``/``quit()`` have a local ``PY_START`` event, and the
+    code objects of the main module's file that name ``SystemExit`` a local ``CALL`` event
+    (each call site not making a ``SystemExit`` disabled at its first call): these turn on
+    the global ``PY_UNWIND`` and ``EXCEPTION_HANDLED`` events only while that
     ``SystemExit`` is in flight: the unwinding of the main module's frame finishes; once
     the exception has been caught and dropped (the next exception not raised while
     handling it), they are turned off again.  The wrapper's own frame is taken out of the
@@ -48,9 +50,10 @@ Who calls ``finish()``:
 
   What none of these sees ends with the interpreter's own, slower, shutdown, after
   unfreezing the heap (as on 3.11, below), with the status and output of a direct run: a
-  ``SystemExit`` raised directly (``raise SystemExit(n)``, or through a ``sys.exit`` bound
-  elsewhere before the fork), an uncaught exception when the script has replaced
-  ``sys.excepthook`` itself (``rich.traceback.install()``) or calls ours from its own.
+  ``SystemExit`` raised directly outside the main module's file (``raise SystemExit(n)`` in
+  another module, or a ``sys.exit`` bound under another name before the fork), an uncaught
+  exception when the script has replaced ``sys.excepthook`` itself
+  (``rich.traceback.install()``) or calls ours from its own.
 
 On Python 3.11 (no ``sys.monitoring``) the executor ends with the normal shutdown, after
 unfreezing the heap so that the final collection finds the cycles the server made
@@ -160,7 +163,11 @@ def install() -> bool:
     mon.register_callback(tool, events.PY_UNWIND, _on_unwind)
     mon.register_callback(tool, events.EXCEPTION_HANDLED, _on_handled)
     mon.register_callback(tool, events.PY_START, _on_quit)
-    mon.set_local_events(tool, w.main_code, events.PY_RETURN)
+    mon.register_callback(tool, events.CALL, _on_call)
+    for code in _raisers(w.main_code):
+        mon.set_local_events(tool, code, events.CALL)
+    mon.set_local_events(tool, w.main_code, events.PY_RETURN | (
+        events.CALL if w.main_code in _raisers(w.main_code) else 0))
     quitter = getattr(sys.modules.get("_sitebuiltins"), "Quitter", None)
     quit_code = getattr(vars(quitter).get("__call__") if quitter else None, "__code__", None)
     if quit_code is not None:
@@ -227,6 +234,44 @@ def _exit(*args: Any, **kwargs: Any) -> Any:
 _EXIT_CODES: dict[CodeType, bool] = {_exit.__code__: True}
 
 
+def _raisers(code: CodeType) -> list[CodeType]:
+    """The code objects of the main module (the module's and every function's, class's...
+    in it) that name ``SystemExit``: where ``raise SystemExit(n)`` may be written."""
+    found = []
+    todo = [code]
+    while todo:
+        c = todo.pop()
+        if "SystemExit" in c.co_names:
+            found.append(c)
+        todo.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
+    return found
+
+
+def _on_call(code: CodeType, offset: int, callable: object, arg0: object) -> object:
+    """A call made by the main module's code that names ``SystemExit``: the events are
+    armed if it makes a ``SystemExit`` (in the main thread), else this call site is not
+    watched again."""
+    if isinstance(callable, type) and issubclass(callable, SystemExit):
+        w = _watch
+        if w.active and not w.finishing and _thread.get_ident() == w.main_thread:
+            w.main_pending = True
+            _arm()
+        return None
+    return sys.monitoring.DISABLE  # type: ignore[attr-defined,unused-ignore]
+
+
+def _adopt(exc: BaseException) -> None:
+    """In the main thread, after a ``SystemExit`` was made (``_on_call``): the first one
+    seen raised is followed."""
+    w = _watch
+    if w.main_pending and isinstance(exc, SystemExit) and not _is_followed(exc):
+        w.main_pending = False
+        w.exiting = id(exc)
+        args = exc.args
+        w.exiting_args = args if all(type(a) in _PLAIN for a in args) else None
+        w.handled = False
+
+
 def _on_unwind(code: CodeType, offset: int, exc: BaseException) -> object:
     w = _watch
     if w.finishing:
@@ -248,6 +293,7 @@ def _on_unwind(code: CodeType, offset: int, exc: BaseException) -> object:
             w.other_exits = max(0, w.other_exits - 1)
             _disarm_if_idle()
     elif _thread.get_ident() == w.main_thread:
+        _adopt(exc)
         if _is_followed(exc):
             w.handled = False
         elif w.handled:
@@ -259,6 +305,7 @@ def _on_handled(code: CodeType, offset: int, exc: BaseException) -> object:
     w = _watch
     if w.finishing or _thread.get_ident() != w.main_thread:
         return None
+    _adopt(exc)
     if _is_followed(exc):
         w.handled = True
     elif w.handled:
