@@ -72,7 +72,9 @@ def initialisation_complete(**options: Any) -> None:
         fast = _serve(config)
         from prefork.server import fastexit
 
-        if not fast:
+        if fast:
+            fastexit.started()
+        else:
             fastexit.full_teardown_at_exit()
             if config.learn:
                 import atexit

@@ -3,9 +3,8 @@
 A normal interpreter shutdown in the executor decrements the reference count of every object
 the server built (modules are cleared one by one), and copy-on-write then copies the whole
 heap page by page: tens to hundreds of milliseconds for a big server.  Instead, when the
-outermost Python frame of the executor returns or unwinds (``sys.monitoring``, Python 3.12+),
-we do what the rest of ``Py_RunMain`` does that anyone can observe, in its order, and
-``os._exit``:
+outermost Python frame of the executor ends (Python 3.12+), we do what the rest of
+``Py_RunMain`` does that anyone can observe, in its order, and ``os._exit``:
 
 1. ``flush_io``: flush stderr and stdout, errors ignored;
 2. ``PyErr_Print``: the traceback through ``sys.excepthook`` (``sys.last_exc`` set), or a
@@ -20,22 +19,41 @@ we do what the rest of ``Py_RunMain`` does that anyone can observe, in its order
    files keep their data); flush stdout/stderr again, quietly (as their deallocation would);
 7. after an uncaught ``KeyboardInterrupt`` (exactly that type): death by SIGINT.
 
-Objects the server created before the fork are not finalized (that is the point); an
-exception unwinding the deepest frame at the recursion limit is replaced by a new
-``RecursionError`` (the unwind callback needs one more frame).  Both are documented.
+Objects the server created before the fork are not finalized (that is the point; documented
+in docs/transparency.md).
 
 Who calls ``finish()``:
 
 - the prefork-server runner, which runs the script inside its own ``try`` and says so
-  with ``caller_exits()`` before ``initialisation_complete()``: no event is armed at all,
-  the script's code runs at direct speed (an exception costs what it costs directly);
-- otherwise ``install()``'s callbacks, for a script that called ``initialisation_complete()``
-  itself: its ``<module>`` frame is the outermost, and nothing of ours is below it.  Its
-  return is a local event on that one code object (free); its unwinding by an exception is
-  only seen through the global ``PY_UNWIND`` event, which calls back on every frame any
-  exception unwinds (``RAISE``, ``PY_UNWIND``, ``RERAISE``, ``EXCEPTION_HANDLED`` cannot be
-  set on one code object, and after the frame has gone a ``SystemExit``'s status is known
-  only to C): an exception-heavy loop pays for it (``make bench``, section (h)).
+  with ``caller_exits()`` before ``initialisation_complete()``: no event is armed at all;
+- otherwise, for a script that called ``initialisation_complete()`` itself (its ``<module>``
+  frame is the outermost, nothing of ours below it), ``install()`` arms what costs the
+  script's code nothing per exception (no global ``sys.monitoring`` event while it runs):
+
+  * its return: a local ``PY_RETURN`` event on that one code object;
+  * an uncaught exception other than ``SystemExit``: ``PyErr_Print`` calls ``sys.excepthook``
+    from C, with no Python frame below it.  ``sys.excepthook`` (and ``sys.__excepthook__``
+    when it is the default) is a wrapper that, so called in the main thread, calls the hook
+    it stands for and finishes (step 3 on; C has done steps 1 and 2 up to the hook);
+  * ``SystemExit`` is handled in C without the hook, and its status is then known only to
+    C: ``sys.exit`` (looked up at call time by argparse, click...; also rebound in the
+    modules that did ``from sys import exit`` before the fork, under ``_EXIT_NAMES``) is
+    a wrapper, the builtins ``exit()``/``quit()`` have a local ``PY_START`` event, and the
+    code objects of the main module's file that name ``SystemExit`` a local ``CALL`` event
+    (each call site not making a ``SystemExit`` disabled at its first call): these turn on
+    the global ``PY_UNWIND`` and ``EXCEPTION_HANDLED`` events only while that
+    ``SystemExit`` is in flight: the unwinding of the main module's frame finishes; once
+    the exception has been caught and dropped (the next exception not raised while
+    handling it), they are turned off again.  The wrapper's own frame is taken out of the
+    traceback; the exception is followed by its id (and its args, held: an id is reused),
+    not referenced, so that its frames die when a direct run's would.
+
+  What none of these sees ends with the interpreter's own, slower, shutdown, after
+  unfreezing the heap (as on 3.11, below), with the status and output of a direct run: a
+  ``SystemExit`` raised directly outside the main module's file (``raise SystemExit(n)`` in
+  another module, or a ``sys.exit`` bound under another name before the fork), an uncaught
+  exception when the script has replaced ``sys.excepthook`` itself
+  (``rich.traceback.install()``) or calls ours from its own.
 
 On Python 3.11 (no ``sys.monitoring``) the executor ends with the normal shutdown, after
 unfreezing the heap so that the final collection finds the cycles the server made
@@ -45,6 +63,7 @@ unfreezing the heap so that the final collection finds the cycles the server mad
 from __future__ import annotations
 
 import _signal
+import _thread
 import _weakref
 import atexit
 import gc
@@ -61,6 +80,9 @@ if TYPE_CHECKING:
 
 AVAILABLE = sys.version_info >= (3, 12)
 _TOOL_IDS = (4, 3)
+#: The interpreter's own ``sys.exit`` and default ``sys.excepthook``.
+_REAL_EXIT = sys.exit
+_DEFAULT_HOOK = sys.__excepthook__
 
 
 def _outermost_code() -> CodeType:
@@ -77,20 +99,47 @@ _caller_exits = False
 def caller_exits() -> None:
     """Say, before ``initialisation_complete()``, that this process ends every executor
     itself by calling ``finish()`` from a frame below the script's code (the prefork-server
-    runner, which runs the script inside its own ``try``): ``install()`` then arms no
-    ``sys.monitoring`` event at all, and the script's code runs at direct speed.
-
-    Without it, ``install()`` must find the end of the outermost frame, the script's own:
-    its return is a local event on that one code object (free), but its unwinding by an
-    exception is only seen through the global ``PY_UNWIND`` event (``RAISE``,
-    ``PY_UNWIND``, ``RERAISE`` and ``EXCEPTION_HANDLED`` cannot be set on one code object),
-    which calls back on every frame any exception unwinds."""
+    runner, which runs the script inside its own ``try``): ``install()`` then arms nothing
+    and wraps nothing."""
     global _caller_exits
     _caller_exits = True
 
 
+class _Watch:
+    """What ``install()`` armed, and the ``SystemExit`` it follows while in flight."""
+
+    tool = 0
+    main_code: CodeType | None = None
+    #: The thread that runs the script's module (the server's, the executor's main thread).
+    main_thread = 0
+    #: In an executor (``started()``): nothing is armed in the server itself.
+    active = False
+    #: ``finish()`` has begun: nothing more to watch.
+    finishing = False
+    #: The global events are on.
+    armed = False
+    #: The main thread called ``sys.exit``/``exit()``; its exception has not left it yet.
+    main_pending = False
+    #: ``id()`` of the exception that call raised, while it is followed (0: none).  Not a
+    #: reference: its traceback's frames must die when a direct run's would.
+    exiting = 0
+    #: Its ``args``, held (a new exception can take the address of a dead one), when they
+    #: are plain values whose lifetime nobody can see; else None (the id alone).
+    exiting_args: tuple[object, ...] | None = None
+    #: That exception was last seen entering a handler (``except``, ``finally``, ``with``).
+    handled = False
+    #: Other threads' ``sys.exit`` calls whose wrapper frame is still to take out.
+    other_exits = 0
+
+
+_watch = _Watch()
+_EVENTS_WHILE_EXITING = 0
+
+
 def install() -> bool:
-    """Arrange the fast exit in this (executor) process; False if not possible here."""
+    """Arrange the fast exit in this (server) process for its executors; False if not
+    possible here.  Nothing is armed until ``started()`` (in the executor)."""
+    global _EVENTS_WHILE_EXITING
     if not AVAILABLE:
         return False
     if _caller_exits:
@@ -104,23 +153,265 @@ def install() -> bool:
             break
     if tool is None:
         return False
-    main_code = _outermost_code()
-
-    def on_return(code: CodeType, offset: int, retval: object) -> object:
-        if code is main_code:
-            finish(0, None)
-        return mon.DISABLE
-
-    def on_unwind(code: CodeType, offset: int, exc: BaseException) -> object:
-        if code is main_code:
-            finish(None, exc)
-        return None
-
-    mon.register_callback(tool, mon.events.PY_RETURN, on_return)
-    mon.register_callback(tool, mon.events.PY_UNWIND, on_unwind)
-    mon.set_local_events(tool, main_code, mon.events.PY_RETURN)
-    mon.set_events(tool, mon.events.PY_UNWIND)
+    w = _watch
+    w.tool = tool
+    w.main_code = _outermost_code()
+    w.main_thread = _thread.get_ident()
+    events = mon.events
+    _EVENTS_WHILE_EXITING = events.PY_UNWIND | events.EXCEPTION_HANDLED
+    mon.register_callback(tool, events.PY_RETURN, _on_return)
+    mon.register_callback(tool, events.PY_UNWIND, _on_unwind)
+    mon.register_callback(tool, events.EXCEPTION_HANDLED, _on_handled)
+    mon.register_callback(tool, events.PY_START, _on_quit)
+    mon.register_callback(tool, events.CALL, _on_call)
+    for code in _raisers(w.main_code):
+        mon.set_local_events(tool, code, events.CALL)
+    mon.set_local_events(tool, w.main_code, events.PY_RETURN | (
+        events.CALL if w.main_code in _raisers(w.main_code) else 0))
+    quitter = getattr(sys.modules.get("_sitebuiltins"), "Quitter", None)
+    quit_code = getattr(vars(quitter).get("__call__") if quitter else None, "__code__", None)
+    if quit_code is not None:
+        _EXIT_CODES[quit_code] = False
+        mon.set_local_events(tool, quit_code, events.PY_START)
+    _wrap_exit()
+    _wrap_excepthook()
+    # Ended by the interpreter after all (what the above does not see): as on 3.11.
+    atexit.register(_normal_exit)
     return True
+
+
+def started() -> None:
+    """In the executor, once forked: the wrappers and callbacks act from now on."""
+    _watch.active = True
+
+
+def _on_return(code: CodeType, offset: int, retval: object) -> object:
+    if code is _watch.main_code and _watch.active and not _watch.finishing:
+        finish(0, None)
+    return sys.monitoring.DISABLE  # type: ignore[attr-defined,unused-ignore]
+
+
+def _arm() -> None:
+    """Turn the global events on (a ``SystemExit`` is about to be raised)."""
+    w = _watch
+    if not w.armed:
+        w.armed = True
+        sys.monitoring.set_events(w.tool, _EVENTS_WHILE_EXITING)  # type: ignore[attr-defined,unused-ignore]
+
+
+def _disarm_if_idle() -> None:
+    w = _watch
+    if w.armed and not w.main_pending and not w.exiting and not w.other_exits:
+        w.armed = False
+        sys.monitoring.set_events(w.tool, 0)  # type: ignore[attr-defined,unused-ignore]
+
+
+def _exit_called() -> None:
+    """``sys.exit`` or ``exit()`` is about to raise ``SystemExit`` in this thread."""
+    w = _watch
+    if not w.active or w.finishing:
+        return
+    if _thread.get_ident() == w.main_thread:
+        w.main_pending = True
+    else:
+        w.other_exits += 1
+    _arm()
+
+
+def _on_quit(code: CodeType, offset: int) -> object:
+    _exit_called()
+    return None
+
+
+def _exit(*args: Any, **kwargs: Any) -> Any:
+    """``sys.exit`` in an executor: arms the events, then raises as ``sys.exit``."""
+    _exit_called()
+    return _REAL_EXIT(*args, **kwargs)
+
+
+#: Code objects that raise the ``SystemExit`` followed, each saying whether its own frame
+#: is taken out of the traceback (``sys.exit`` is a C function: no frame of its own).
+_EXIT_CODES: dict[CodeType, bool] = {_exit.__code__: True}
+
+
+def _raisers(code: CodeType) -> list[CodeType]:
+    """The code objects of the main module (the module's and every function's, class's...
+    in it) that name ``SystemExit``: where ``raise SystemExit(n)`` may be written."""
+    found = []
+    todo = [code]
+    while todo:
+        c = todo.pop()
+        if "SystemExit" in c.co_names:
+            found.append(c)
+        todo.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
+    return found
+
+
+def _on_call(code: CodeType, offset: int, callable: object, arg0: object) -> object:
+    """A call made by the main module's code that names ``SystemExit``: the events are
+    armed if it makes a ``SystemExit`` (in the main thread), else this call site is not
+    watched again."""
+    if isinstance(callable, type) and issubclass(callable, SystemExit):
+        w = _watch
+        if w.active and not w.finishing and _thread.get_ident() == w.main_thread:
+            w.main_pending = True
+            _arm()
+        return None
+    return sys.monitoring.DISABLE  # type: ignore[attr-defined,unused-ignore]
+
+
+def _adopt(exc: BaseException) -> None:
+    """In the main thread, after a ``SystemExit`` was made (``_on_call``): the first one
+    seen raised is followed."""
+    w = _watch
+    if w.main_pending and isinstance(exc, SystemExit) and not _is_followed(exc):
+        w.main_pending = False
+        w.exiting = id(exc)
+        args = exc.args
+        w.exiting_args = args if all(type(a) in _PLAIN for a in args) else None
+        w.handled = False
+
+
+def _on_unwind(code: CodeType, offset: int, exc: BaseException) -> object:
+    w = _watch
+    if w.finishing:
+        return None
+    if code is w.main_code:
+        finish(None, exc)
+    strip = _EXIT_CODES.get(code)
+    if strip is not None:
+        tb = exc.__traceback__
+        if strip and tb is not None and tb.tb_frame.f_code is code:
+            exc.__traceback__ = tb.tb_next
+        if _thread.get_ident() == w.main_thread:
+            w.main_pending = False
+            w.exiting = id(exc)
+            args = exc.args
+            w.exiting_args = args if all(type(a) in _PLAIN for a in args) else None
+            w.handled = False
+        else:
+            w.other_exits = max(0, w.other_exits - 1)
+            _disarm_if_idle()
+    elif _thread.get_ident() == w.main_thread:
+        _adopt(exc)
+        if _is_followed(exc):
+            w.handled = False
+        elif w.handled:
+            _check_dropped(exc)
+    return None
+
+
+def _on_handled(code: CodeType, offset: int, exc: BaseException) -> object:
+    w = _watch
+    if w.finishing or _thread.get_ident() != w.main_thread:
+        return None
+    _adopt(exc)
+    if _is_followed(exc):
+        w.handled = True
+    elif w.handled:
+        _check_dropped(exc)
+    return None
+
+
+_PLAIN = (int, str, bool, float, bytes, type(None))
+
+
+def _is_followed(exc: BaseException) -> bool:
+    w = _watch
+    return id(exc) == w.exiting and (w.exiting_args is None or exc.args is w.exiting_args)
+
+
+def _check_dropped(exc: BaseException) -> None:
+    """Another exception while the followed one was last seen entering a handler: if it is
+    not raised while handling that one (a ``finally`` or ``__exit__`` cleaning up), the
+    followed one was caught and the script goes on: stop following it."""
+    w = _watch
+    ctx: BaseException | None = exc
+    for _ in range(100):
+        if ctx is None:
+            break
+        if _is_followed(ctx):
+            return
+        ctx = ctx.__context__
+    now = sys.exception()  # type: ignore[attr-defined,unused-ignore]
+    if now is not None and _is_followed(now):
+        return
+    w.exiting = 0
+    w.exiting_args = None
+    w.handled = False
+    _disarm_if_idle()
+
+
+def _like(wrapper: Callable[..., Any], real: Any) -> None:
+    """Give ``wrapper`` the name, module and documentation of the callable it stands for
+    (a builtin, or a hook the script set: maybe an object without them)."""
+    for attr in ("__name__", "__qualname__", "__module__", "__doc__"):
+        try:
+            setattr(wrapper, attr, getattr(real, attr))
+        except (AttributeError, TypeError):
+            pass
+    wrapper.__wrapped__ = real  # type: ignore[attr-defined]
+
+
+#: Names under which a module may have bound ``sys.exit`` (``from sys import exit``).
+_EXIT_NAMES = ("exit", "sys_exit")
+
+
+def _wrap_exit() -> None:
+    """``sys.exit`` becomes ``_exit``, there and in the modules that bound it under one of
+    ``_EXIT_NAMES`` (a look-up per module: a scan of every global took 7 ms at start-up)."""
+    _like(_exit, _REAL_EXIT)
+    for mod in list(sys.modules.values()):
+        try:  # (a module: no lazy module's __getattr__ is called)
+            names = object.__getattribute__(mod, "__dict__")
+        except AttributeError:
+            continue
+        if type(names) is not dict or names is globals():
+            continue
+        for name in _EXIT_NAMES:
+            if names.get(name) is _REAL_EXIT:
+                names[name] = _exit
+
+
+def _hook_wrapper(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """A ``sys.excepthook`` standing for ``hook``: called from C with no Python frame below
+    (``PyErr_Print`` after the main module ended with an exception), in the main thread of
+    an executor, it calls ``hook`` and finishes; otherwise it is ``hook``."""
+    def excepthook(typ: type[BaseException], value: BaseException,
+                   tb: TracebackType | None) -> Any:
+        w = _watch
+        if w.active and not w.finishing and _thread.get_ident() == w.main_thread:
+            try:
+                sys._getframe(1)
+                top = False
+            except ValueError:
+                top = True
+            if top:  # (not from the except clause: the hook runs with no exception set)
+                _finish(None, value, hook)
+        return hook(typ, value, tb)
+
+    _like(excepthook, hook)
+    return excepthook
+
+
+def _wrap_excepthook() -> None:
+    default = _hook_wrapper(_DEFAULT_HOOK)
+    hook = getattr(sys, "excepthook", None)
+    if hook is None:
+        return
+    sys.excepthook = default if hook is _DEFAULT_HOOK else _hook_wrapper(hook)
+    if sys.__excepthook__ is _DEFAULT_HOOK:
+        sys.__excepthook__ = default
+
+
+def _normal_exit() -> None:
+    """At ``atexit`` of an executor ending with the interpreter's own shutdown: as on 3.11,
+    let the final collection find the server's cycles; then what ``finish()`` runs last."""
+    if not _watch.active or _watch.finishing:
+        return
+    gc.unfreeze()
+    for hook in before_exit:
+        hook()
 
 
 def _write_stderr(text: str) -> None:
@@ -248,7 +539,7 @@ def exit_status_of(exc: SystemExit) -> int:
 
 def _display(exc: BaseException) -> None:
     """``PyErr_DisplayException``: the default traceback print."""
-    sys.__excepthook__(type(exc), exc, exc.__traceback__)
+    _DEFAULT_HOOK(type(exc), exc, exc.__traceback__)
 
 
 def _print_exit(exc: BaseException) -> tuple[int, bool]:
@@ -270,16 +561,22 @@ def _print_exit(exc: BaseException) -> tuple[int, bool]:
     if hook is None:
         _write_stderr("sys.excepthook is missing\n")
         _display(exc)
-    else:
-        try:
-            hook(type(exc), exc, tb)
-        except SystemExit as exit_exc:
-            return exit_status_of(exit_exc), False
-        except BaseException as exc2:  # noqa: BLE001
-            _write_stderr("Error in sys.excepthook:\n")
-            _display(_from_c(exc2))
-            _write_stderr("\nOriginal exception was:\n")
-            _display(exc)
+        return 1, type(exc) is KeyboardInterrupt
+    return _call_hook(hook, exc)
+
+
+def _call_hook(hook: Callable[..., Any], exc: BaseException) -> tuple[int, bool]:
+    """``PyErr_Print`` from the call of ``sys.excepthook`` on: (exit status, exit by
+    SIGINT)."""
+    try:
+        hook(type(exc), exc, exc.__traceback__)
+    except SystemExit as exit_exc:
+        return exit_status_of(exit_exc), False
+    except BaseException as exc2:  # noqa: BLE001
+        _write_stderr("Error in sys.excepthook:\n")
+        _display(_from_c(exc2))
+        _write_stderr("\nOriginal exception was:\n")
+        _display(exc)
     # Only the exact type makes the interpreter exit by SIGINT (run_eval_code_obj).
     return 1, type(exc) is KeyboardInterrupt
 
@@ -377,12 +674,25 @@ def finish(status: int | None, exc: BaseException | None) -> None:
     120), the call's ``__main__`` objects released and open files flushed (the teardown),
     a last quiet flush; then exit by SIGINT after an uncaught KeyboardInterrupt.
     """
+    _finish(status, exc, None)
+
+
+def _finish(status: int | None, exc: BaseException | None,
+            hook: Callable[..., Any] | None) -> None:
+    """``finish()``; with ``hook``, from the call of ``sys.excepthook`` by ``PyErr_Print``
+    on (C has flushed, set ``sys.last_exc`` and audited): ``hook`` is called as C would."""
+    _watch.finishing = True
     sigint = False
     try:
-        _flush_io()
-        if exc is not None:
-            status, sigint = _print_exit(exc)
-            del exc
+        if hook is not None:
+            assert exc is not None
+            status, sigint = _call_hook(hook, exc)
+            exc = None
+        else:
+            _flush_io()
+            if exc is not None:
+                status, sigint = _print_exit(exc)
+                exc = None
         assert status is not None
         threading = sys.modules.get("threading")
         if threading is not None:
@@ -398,8 +708,8 @@ def finish(status: int | None, exc: BaseException | None) -> None:
         # What the teardown printed: at this point of a direct run sys.stdout is gone, and
         # the streams' own deallocation flushes them, failures unreported.
         _flush_io()
-        for hook in before_exit:
-            hook()
+        for report in before_exit:
+            report()
     except BaseException:  # noqa: BLE001 - whatever happens, this process ends here
         if status is None:
             status = 1

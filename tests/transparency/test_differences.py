@@ -16,8 +16,7 @@ import pytest
 from harness import scaled, wait_for
 from procfs import reading_fd
 
-from .probes import INTERPRETERS, PY311, PYTHONS, ProbeFactory, needs_py311, read_line
-from .test_exit import EXCEPTIONS
+from .probes import INTERPRETERS, PY311, PYTHONS, ProbeFactory, read_line
 from .test_jobcontrol import Shell
 
 pytestmark = pytest.mark.timeout(120)
@@ -186,21 +185,34 @@ def test_string_hashes_are_the_servers(make_probe: ProbeFactory) -> None:
     assert w1["random"] != w2["random"]
 
 
-@needs_py311
-def test_recursion_error_traceback_one_frame_shorter(make_probe: ProbeFactory) -> None:
-    """Fast exit (3.12+): the exception that unwinds the deepest frame at the recursion limit
-    is replaced by a new RecursionError one frame shorter, because sys.monitoring's unwind
-    callback needs one more frame there.  The normal shutdown path (3.11) has no such edge."""
-    repeated = re.compile(rb"\[Previous line repeated (\d+) more times\]")
-    for python, delta in ((str(INTERPRETERS["py3"]), 1), (PY311, 0)):
-        probe = make_probe(EXCEPTIONS, python=python, name=f"rec{delta}.py")
-        direct = probe.run("direct", "recursion")
-        warm = probe.run("warm", "recursion")
-        assert direct.status == warm.status == "exit 1"
-        n_direct = int(repeated.search(direct.err).group(1))  # type: ignore[union-attr]
-        n_warm = int(repeated.search(warm.err).group(1))  # type: ignore[union-attr]
-        assert n_direct - n_warm == delta
-        assert repeated.sub(b"", direct.err) == repeated.sub(b"", warm.err)
+WRAPPERS = r'''
+import json
+def facts(f):
+    return {"repr": repr(f).split(" at ")[0], "name": f.__name__, "module": f.__module__,
+            "doc": f.__doc__ == getattr(f, "__wrapped__", f).__doc__}
+print(json.dumps({"exit": facts(sys.exit), "hook": facts(sys.excepthook),
+                  "same": sys.excepthook is sys.__excepthook__}))
+'''
+
+
+def test_sys_exit_and_excepthook_are_wrappers(make_probe: ProbeFactory) -> None:
+    """Fast exit (3.12+), a script calling initialisation_complete() itself: sys.exit and
+    sys.excepthook are Python functions standing for the builtins (same name, module,
+    documentation; the default hook still ``is sys.__excepthook__``): they tell the fast
+    exit how the script ended, without an event on every exception.  3.11 (no fast exit)
+    has the builtins."""
+    probe = make_probe(WRAPPERS)
+    direct = probe.run("direct").json()
+    warm = probe.run("warm").json()
+    builtin = {"doc": True, "repr": "<built-in function exit>", "name": "exit",
+               "module": "sys"}
+    assert direct["exit"] == builtin and direct["same"] is True
+    assert warm["exit"] == {**builtin, "repr": "<function exit"}
+    assert warm["hook"] == {**direct["hook"], "repr": "<function excepthook"}
+    assert warm["same"] is True
+    if PY311:
+        probe311 = make_probe(WRAPPERS, python=PY311, name="wrappers311.py")
+        assert probe311.run("warm").json() == probe311.run("direct").json()
 
 
 PRE_INIT_OBJECT = r'''

@@ -130,9 +130,7 @@ EXC_KINDS = ["value", "chained", "context", "custom", "group", "recursion", "syn
 
 @pytest.mark.parametrize(("what", "python"), [
     pytest.param(what, python.values[0], marks=python.marks)
-    for what in EXC_KINDS for python in PYTHONS
-    # the fast exit's one-frame difference at the recursion limit: test_differences.py
-    if (what, python.values[0]) != ("recursion", "py3")])
+    for what in EXC_KINDS for python in PYTHONS])
 def test_uncaught_exception(make_probe: ProbeFactory, python: str, what: str) -> None:
     """The traceback text (frames, source lines, carets, chaining, notes), the atexit output
     after it, and exit status 1."""
