@@ -369,6 +369,8 @@ class State:
         self.regexes: list[tuple[str, str, int]] = []
         #: Setup paths a call removed (see ``SetupEffects``): defer setup atexit handlers.
         self.undone: list[str] = []
+        #: What the last rehearsal did, or why it was refused (``prefork.server.rehearse``).
+        self.rehearsal: str = ""
 
     @classmethod
     def load(cls, path: str) -> State:
@@ -392,6 +394,8 @@ class State:
                          if isinstance(r, list) and len(r) == 3 and r[0] in ("s", "b")
                          and isinstance(r[1], str) and isinstance(r[2], int)]
         state.undone = [p for p in data.get("undone", []) if isinstance(p, str)]
+        rehearsal = data.get("rehearsal", "")
+        state.rehearsal = rehearsal if isinstance(rehearsal, str) else ""
         return state
 
     def save(self, path: str) -> None:
@@ -400,7 +404,8 @@ class State:
 
         tmp = f"{path}.{os.getpid()}.tmp"
         data = {"version": STATE_VERSION, "learned": self.learned, "refused": self.refused,
-                "regexes": [list(r) for r in self.regexes], "undone": self.undone}
+                "regexes": [list(r) for r in self.regexes], "undone": self.undone,
+                "rehearsal": self.rehearsal}
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with open(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=1)
@@ -614,7 +619,11 @@ class Learner:
                     self.pending_re.setdefault(r, None)
 
     def due(self) -> bool:
-        return bool(self.pending or self.pending_re)
+        from prefork.server import rehearse
+
+        plan = rehearse.planned
+        return bool(self.pending or self.pending_re) or (plan is not None
+                                                         and plan.outcome is None)
 
     def step(self, *, initial: bool = False) -> None:
         """Probe, import and compile what is pending (no call runs); save the state."""
@@ -640,12 +649,43 @@ class Learner:
             # judged with that import's side effects, in a fresh probe.
             names = [n for n in names if n not in refused]
         self._compile_regexes()
+        if not initial:  # (not at start: the first call would wait for it)
+            self._rehearse()
         if learned_now:
             self.log.info(f"learning: imported {len(learned_now)} module(s) in "
                           f"{time.monotonic() - t0:.3f}s" + (" (from the saved state)"
                                                              if initial else ""))
         self._refresh_known()
         self._save()
+
+    def _rehearse(self) -> None:
+        """Once per server, after the first call: probe a rehearsal, then do it here."""
+        from prefork.server import rehearse
+
+        plan = rehearse.planned
+        if plan is None or plan.outcome is not None:
+            return
+        before = set(sys.modules)
+        t0 = time.monotonic()
+        try:
+            why, denied = rehearse.probe(plan)
+        except OSError as e:
+            why, denied = [f"cannot fork a probe: {e}"], []
+        probe_s = time.monotonic() - t0
+        if why:
+            plan.outcome = f"refused: {'; '.join(why)}"
+            self.log.warning(f"rehearsal with {plan.args!r} {plan.outcome}")
+        else:
+            took = rehearse.perform(plan, guard=bool(denied))
+            plan.outcome = (f"done with {plan.args!r} in {took:.3f}s (probe {probe_s:.3f}s: "
+                            "the next call's output is identical)"
+                            + (f"; denied: {', '.join(denied)}" if denied else ""))
+            self.log.info(f"rehearsal {plan.outcome}")
+            if self.autoreload is not None:
+                self.autoreload.add_files(
+                    [f for f in (getattr(sys.modules.get(m), "__file__", None)
+                                 for m in set(sys.modules) - before) if isinstance(f, str)])
+        self.state.rehearsal = plan.outcome
 
     def _import(self, names: list[str]) -> list[str]:
         import gc

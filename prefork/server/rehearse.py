@@ -1,0 +1,298 @@
+"""Rehearsal (opt-in, ``prefork-server --wrap NAME --rehearse -- ARGS``): the program runs once
+with ARGS in the server itself, between calls, so that every later call starts with what a
+run builds lazily on first use -- not only modules and regular expressions but lexer tables
+(pygments), plugin and entry-point scans (httpie, flake8), parsed-module caches (pylint's
+astroid) -- the state a program's second run in one process starts with.
+
+It is a run the user did not ask for, in the process every call is forked from, so it is
+done only when a probe proves it harmless, and sandboxed:
+
+- **probe** (``probe()``): two throwaway forks of the server at once.  The *reference* runs
+  one call with ARGS as an executor would (fresh stdio on memory files): its exit status,
+  stdout and stderr.  The *rehearsal* runs the program with ARGS under the guard (below),
+  checks what the run left (threads or child processes running, fds open, ``atexit``
+  handlers registered, signal handlers, the environment, the working directory, changed),
+  then runs the same call again: its status, stdout and stderr must be byte-identical to
+  the reference's.  Anything else refuses the rehearsal (the reason is logged and saved).
+- **guard** (``_guard``, an audit hook): while a rehearsal runs, changing files (opening
+  for writing, making, removing, renaming ...), the network (``connect``, ``bind``,
+  ``sendto``), processes (``fork``, ``exec``, ``subprocess``, ``kill``) and the
+  environment are denied (``PermissionError``): the probe records what was denied; the
+  server installs the hook only when the probe saw a denial (pylint saving its stats file,
+  httpie spawning its update check), and it then returns at once outside a rehearsal.
+- **server** (``perform()``): signals blocked, stdio on the server's ``/dev/null``, the run
+  ends as a call's would (``SystemExit``, an exception: printed to ``/dev/null``), then
+  ``sys.argv``, ``__main__``, the recursion limit and ``sys.excepthook`` are put back and
+  the new objects frozen (``gc.freeze``).
+
+Standard library only (runs under any program's Python, see ``runner/boot.py``).
+"""
+
+from __future__ import annotations
+
+import _signal
+import os
+import sys
+import time
+
+from prefork.server.learn import _hazards, _snapshot, _written_path
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+#: Seconds the probe (both forks) may take.
+PROBE_BUDGET = 120.0
+
+#: Audit events a rehearsal may not cause (beyond files changed, see learn._written_path).
+_DENIED_EVENTS = frozenset({
+    "socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg",
+    "subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
+    "os.forkpty", "os.kill", "os.killpg", "os.putenv", "os.unsetenv", "os.chdir",
+    "os.chmod", "os.chown", "os.utime", "os.chflags", "os.lchmod", "os.lchown",
+    "os.mkfifo", "os.mknod", "os.setxattr", "os.removexattr", "sqlite3.connect",
+    "webbrowser.open", "pty.spawn"})
+
+#: A rehearsal is running (the guard denies); the guard hook is installed in this process.
+_guarding = False
+_hook_installed = False
+#: What the guard denied in this rehearsal (for the probe's report).
+_denied: list[str] = []
+#: In a probe's fork: where the guard also writes each denial at once (a program may end
+#: the process when denied: httpie ``os._exit(1)``s when its ``fork`` fails).
+_live_fd: int | None = None
+
+
+class Plan:
+    """A rehearsal to do: ``run(args)`` runs the program once in this process, as a call
+    (the runner's; it restores what it changes), returning its exit status."""
+
+    def __init__(self, run: Callable[[list[str]], int], args: list[str]) -> None:
+        self.run = run
+        self.args = args
+        #: None: not done yet; else what happened (for the log and ``prefork-ctl show``).
+        self.outcome: str | None = None
+
+
+#: Set by the runner before ``initialisation_complete()`` (``--rehearse``).
+planned: Plan | None = None
+
+
+def _guard(event: str, args: tuple[object, ...]) -> None:
+    """The audit hook: outside a rehearsal, return at once.  (It imports nothing: an
+    import is an audited event.)"""
+    if not _guarding:
+        return
+    what: str | None = None
+    path = _written_path(event, args)
+    if path is not None:
+        if path != os.devnull:
+            what = f"{event} {path}"
+    elif event in _DENIED_EVENTS:
+        what = event
+    if what is None:
+        return
+    if len(_denied) < 16:
+        _denied.append(what)
+        if _live_fd is not None:
+            os.write(_live_fd, f"live {what}\n".encode("utf-8", "surrogateescape"))
+    raise PermissionError(f"prefork-server: denied during a rehearsal: {what}")
+
+
+def _install_guard() -> None:
+    global _hook_installed
+    if not _hook_installed:
+        sys.addaudithook(_guard)
+        _hook_installed = True
+
+
+def guarded(plan: Plan, args: list[str]) -> int:
+    """One run under the guard: its exit status."""
+    global _guarding
+    _install_guard()
+    _denied.clear()
+    _guarding = True
+    try:
+        return plan.run(args)
+    finally:
+        _guarding = False
+
+
+# ------------------------------------------------------------------ probe
+
+
+def _fresh_stdio() -> tuple[int, int]:
+    """stdin on /dev/null, stdout and stderr on new memory files, new ``sys`` streams on
+    them (as an executor's): the two memory files."""
+    from prefork.server import executor
+
+    out = os.memfd_create("prefork-rehearse-out", os.MFD_CLOEXEC)
+    err = os.memfd_create("prefork-rehearse-err", os.MFD_CLOEXEC)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    os.dup2(out, 1)
+    os.dup2(err, 2)
+    executor.rebuild_stdio(0)
+    return out, err
+
+
+def _digest(fd: int) -> str:
+    import hashlib
+
+    os.lseek(fd, 0, os.SEEK_SET)
+    h = hashlib.sha256()
+    while chunk := os.read(fd, 1 << 20):
+        h.update(chunk)
+    return f"{os.fstat(fd).st_size}:{h.hexdigest()[:32]}"
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def _one_call(plan: Plan) -> str:
+    """A call's result, as a line: status, stdout's and stderr's sizes and digests, and
+    what the guard denied (so that no run of the probe changes anything, and a rehearsal
+    that made the program stop trying something is seen)."""
+    out, err = _fresh_stdio()
+    status = guarded(plan, plan.args)
+    _flush()
+    return f"{status} {_digest(out)} {_digest(err)} denied={_denied!r}"
+
+
+def _reference_child(plan: Plan, w: int) -> None:
+    os.write(w, f"result {_one_call(plan)}\n".encode())
+
+
+def _rehearsal_child(plan: Plan, w: int) -> None:
+    import atexit
+
+    _fresh_stdio()
+    scratch = os.memfd_create("prefork-rehearse-scratch", os.MFD_CLOEXEC)
+    n_atexit = atexit._ncallbacks()
+    before = _snapshot()
+    guarded(plan, plan.args)
+    _flush()
+    why = _hazards(before, [], scratch, 0)
+    if atexit._ncallbacks() > n_atexit and not any("atexit" in w for w in why):
+        why.append("registered an atexit handler")
+    for what in _denied:
+        os.write(w, f"denied {what}\n".encode("utf-8", "surrogateescape"))
+    for what in why:
+        os.write(w, f"hazard {what}\n".encode("utf-8", "surrogateescape"))
+    os.write(w, f"result {_one_call(plan)}\n".encode())
+
+
+def _fork(child: Callable[[Plan, int], None], plan: Plan) -> tuple[int, int]:
+    """(pid, read end) of a throwaway fork running ``child``; signals stay blocked in it."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    old_mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, _signal.valid_signals())
+    try:
+        pid = os.fork()
+    except OSError:
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, old_mask)
+        os.close(r)
+        os.close(w)
+        raise
+    if pid == 0:
+        global _live_fd
+        try:
+            os.close(r)
+            _live_fd = w
+            try:
+                _signal.set_wakeup_fd(-1)
+            except ValueError:
+                pass
+            child(plan, w)
+        except BaseException as e:  # noqa: BLE001 - reported to the server
+            try:
+                os.write(w, f"hazard the probe failed: {e!r}"[:300].encode() + b"\n")
+            except OSError:
+                pass
+        finally:
+            os._exit(0)
+    _signal.pthread_sigmask(_signal.SIG_SETMASK, old_mask)
+    os.close(w)
+    return pid, r
+
+
+def probe(plan: Plan, budget: float = PROBE_BUDGET) -> tuple[list[str], list[str]]:
+    """(reasons to refuse, events the guard denied): see the module docstring."""
+    import select
+
+    forks = [_fork(_reference_child, plan), _fork(_rehearsal_child, plan)]
+    texts = [b"", b""]
+    open_ends = {r: i for i, (_pid, r) in enumerate(forks)}
+    poller = select.poll()
+    for r in open_ends:
+        poller.register(r, select.POLLIN)
+    deadline = time.monotonic() + budget
+    timed_out = False
+    try:
+        while open_ends:
+            left = deadline - time.monotonic()
+            events = poller.poll(max(left, 0) * 1000) if left > 0 else []
+            if not events:
+                timed_out = True
+                break
+            for fd, _ev in events:
+                data = os.read(fd, 65536)
+                if data:
+                    texts[open_ends[fd]] += data
+                else:
+                    poller.unregister(fd)
+                    del open_ends[fd]
+    finally:
+        for pid, r in forks:
+            os.close(r)
+            try:
+                os.kill(pid, _signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            os.waitpid(pid, 0)
+    if timed_out:
+        return [f"the probe took longer than {budget:g}s"], []
+    lines = [t.decode("utf-8", "surrogateescape").splitlines() for t in texts]
+    results = [[x[7:] for x in ls if x.startswith("result ")] for ls in lines]
+    hazards = [x[7:] for x in lines[1] if x.startswith("hazard ")]
+    hazards += [x[7:] for x in lines[0] if x.startswith("hazard ")]
+    denied = [x[7:] for x in lines[1] if x.startswith("denied ")]
+    why = list(hazards)
+    if not results[0] or not results[1]:
+        live = [x[5:] for x in lines[0] + lines[1] if x.startswith("live ")]
+        if not why:
+            why.append("the program ended the probe's process" + (
+                f" after the guard denied {live[-1]}" if live else ""))
+    elif results[0] != results[1]:
+        why.append(f"the call after a rehearsal differs from one without "
+                   f"(status, stdout, stderr: {results[1][0]} instead of {results[0][0]})")
+    return why, denied
+
+
+# ------------------------------------------------------------------ in the server
+
+
+def perform(plan: Plan, guard: bool) -> float:
+    """Rehearse in this process (the server: stdio on /dev/null), every signal blocked;
+    under the guard if ``guard``.  The seconds it took."""
+    import gc
+
+    old_mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, _signal.valid_signals())
+    t0 = time.monotonic()
+    try:
+        if guard:
+            guarded(plan, plan.args)
+        else:
+            plan.run(plan.args)
+        _flush()
+    finally:
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, old_mask)
+    gc.collect()
+    gc.freeze()
+    return time.monotonic() - t0
