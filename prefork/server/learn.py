@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
     from prefork.server.autoreload import Autoreload
     from prefork.server.log import ServerLog
+    from prefork.server.rehearse import Probe
     from prefork.server.watchlink import WatchLink
 
 #: Largest report an executor sends (a datagram; what does not fit is dropped).
@@ -512,6 +513,8 @@ class Learner:
         self.effects = setup_effects
         self.deferred: list[tuple[Callable[..., object], tuple[object, ...],
                                   dict[str, object]]] = []
+        #: A rehearsal's probe, running (``prefork.server.rehearse``).
+        self.probing: Probe | None = None
 
     # --------------------------------------------------- set-up (in the server, before freeze)
 
@@ -562,11 +565,15 @@ class Learner:
                           "run at the end of every call")
 
     def close(self) -> None:
-        """In a spare: let go of the server's socket (the module globals stay, for
-        ``report``)."""
+        """In a spare: let go of the server's socket and a probe's pipes and pidfds (the
+        module globals stay, for ``report``)."""
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+        if self.probing is not None:
+            for fd in [*self.probing.open_ends, *self.probing.pidfds]:
+                os.close(fd)
+            self.probing = None
 
     # --------------------------------------------------- between calls
 
@@ -622,8 +629,11 @@ class Learner:
         from prefork.server import rehearse
 
         plan = rehearse.planned
-        return bool(self.pending or self.pending_re) or (plan is not None
-                                                         and plan.outcome is None)
+        if plan is None or plan.outcome is not None:
+            return bool(self.pending or self.pending_re)
+        # Not rehearsed yet: start the probe, or see if it is done (without blocking).
+        return bool(self.pending or self.pending_re) or self.probing is None \
+            or self.probing.poll()
 
     def step(self, *, initial: bool = False) -> None:
         """Probe, import and compile what is pending (no call runs); save the state."""
@@ -659,23 +669,32 @@ class Learner:
         self._save()
 
     def _rehearse(self) -> None:
-        """Once per server, after the first call: probe a rehearsal, then do it here."""
+        """Once per server, after its first call: start the probe (in forks: calls go on
+        meanwhile); at a later step, once it is done, rehearse here or refuse."""
         from prefork.server import rehearse
 
         plan = rehearse.planned
         if plan is None or plan.outcome is not None:
             return
-        before = set(sys.modules)
-        t0 = time.monotonic()
-        try:
-            why, denied = rehearse.probe(plan)
-        except OSError as e:
-            why, denied = [f"cannot fork a probe: {e}"], []
-        probe_s = time.monotonic() - t0
+        probing = self.probing
+        if probing is None:
+            try:
+                self.probing = rehearse.Probe(plan)
+            except OSError as e:
+                plan.outcome = f"refused: cannot fork a probe: {e}"
+                self.log.warning(f"rehearsal {plan.outcome}")
+                self.state.rehearsal = plan.outcome
+            return
+        if not probing.poll():
+            return
+        self.probing = None
+        why, denied, _seconds = probing.verdict()
+        probe_s = time.monotonic() - probing.started
         if why:
             plan.outcome = f"refused: {'; '.join(why)}"
             self.log.warning(f"rehearsal with {plan.args!r} {plan.outcome}")
         else:
+            before = set(sys.modules)
             took = rehearse.perform(plan, guard=bool(denied))
             plan.outcome = (f"done with {plan.args!r} in {took:.3f}s (probe {probe_s:.3f}s: "
                             "the next call's output is identical)"
@@ -686,6 +705,10 @@ class Learner:
                     [f for f in (getattr(sys.modules.get(m), "__file__", None)
                                  for m in set(sys.modules) - before) if isinstance(f, str)])
         self.state.rehearsal = plan.outcome
+
+    def owns(self, pid: int) -> bool:
+        """Whether ``pid`` is a child of the learner's (a rehearsal probe's fork)."""
+        return self.probing is not None and self.probing.owns(pid)
 
     def _import(self, names: list[str]) -> list[str]:
         import gc

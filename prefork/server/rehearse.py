@@ -7,7 +7,8 @@ astroid) -- the state a program's second run in one process starts with.
 It is a run the user did not ask for, in the process every call is forked from, so it is
 done only when a probe proves it harmless, and sandboxed:
 
-- **probe** (``probe()``): two throwaway forks of the server at once.  The *reference* runs
+- **probe** (``Probe``): two throwaway forks of the server at once, while the server goes
+  on serving calls.  The *reference* runs
   one call with ARGS as an executor would (fresh stdio on memory files): its exit status,
   stdout and stderr.  The *rehearsal* runs the program with ARGS under the guard (below),
   checks what the run left (threads or child processes running, fds open, ``atexit``
@@ -43,6 +44,10 @@ if TYPE_CHECKING:
 
 #: Seconds the probe (both forks) may take.
 PROBE_BUDGET = 120.0
+#: Longest rehearsal (as timed in the probe, two runs at once) done in the server: calls
+#: arriving meanwhile wait for it, and a client that gets no greeting for 10 s starts a
+#: fresh server (correct, but the rehearsal is lost).
+MAX_BLOCK = 9.0
 
 #: Audit events a rehearsal may not cause (beyond files changed, see learn._written_path).
 _DENIED_EVENTS = frozenset({
@@ -177,8 +182,10 @@ def _rehearsal_child(plan: Plan, w: int) -> None:
     scratch = os.memfd_create("prefork-rehearse-scratch", os.MFD_CLOEXEC)
     n_atexit = atexit._ncallbacks()
     before = _snapshot()
+    t0 = time.monotonic()
     guarded(plan, plan.args)
     _flush()
+    os.write(w, f"took {time.monotonic() - t0:.6f}\n".encode())
     why = _hazards(before, [], scratch, 0)
     if atexit._ncallbacks() > n_atexit and not any("atexit" in w for w in why):
         why.append("registered an atexit handler")
@@ -222,56 +229,118 @@ def _fork(child: Callable[[Plan, int], None], plan: Plan) -> tuple[int, int]:
     return pid, r
 
 
+class Probe:
+    """The probe (see the module docstring), running in two forks while the server goes on
+    serving calls: ``poll()`` reads what they wrote without blocking; once ``done``,
+    ``verdict()`` says what they found.  The server's loop reaps them like any child
+    (``owns`` tells it they are ours): they are killed through pidfds, never by a pid that
+    may have been reused."""
+
+    def __init__(self, plan: Plan, budget: float = PROBE_BUDGET) -> None:
+        self.started = time.monotonic()
+        self.deadline = self.started + budget
+        self.budget = budget
+        self.pids: list[int] = []
+        self.pidfds: list[int] = []
+        self.texts = [b"", b""]
+        self.open_ends: dict[int, int] = {}
+        self.timed_out = False
+        try:
+            for i, child in enumerate((_reference_child, _rehearsal_child)):
+                pid, r = _fork(child, plan)
+                self.pids.append(pid)
+                self.open_ends[r] = i
+                try:
+                    self.pidfds.append(os.pidfd_open(pid))
+                except OSError:
+                    pass
+                os.set_blocking(r, False)
+        except OSError:
+            self.close()
+            raise
+
+    @property
+    def done(self) -> bool:
+        return not self.open_ends
+
+    def owns(self, pid: int) -> bool:
+        return pid in self.pids
+
+    def poll(self) -> bool:
+        """Read what is there; True once both forks are done (or the budget is spent)."""
+        for r, i in list(self.open_ends.items()):
+            while True:
+                try:
+                    data = os.read(r, 65536)
+                except BlockingIOError:
+                    break
+                if not data:
+                    os.close(r)
+                    del self.open_ends[r]
+                    break
+                self.texts[i] += data
+        if self.open_ends and time.monotonic() > self.deadline:
+            self.timed_out = True
+            self.close()
+        return self.done
+
+    def close(self) -> None:
+        """Kill the forks (if still there), close the pipes and pidfds."""
+        for r in self.open_ends:
+            os.close(r)
+        self.open_ends = {}
+        for fd in self.pidfds:
+            try:
+                _signal.pidfd_send_signal(fd, _signal.SIGKILL)
+            except (ProcessLookupError, OSError):
+                pass
+            os.close(fd)
+        self.pidfds = []
+        for pid in self.pids:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass  # reaped by the server's loop already
+
+    def verdict(self) -> tuple[list[str], list[str], float]:
+        """(reasons to refuse, events the guard denied in the rehearsal, the rehearsal's
+        seconds in the probe)."""
+        self.close()
+        if self.timed_out:
+            return [f"the probe took longer than {self.budget:g}s"], [], 0.0
+        lines = [t.decode("utf-8", "surrogateescape").splitlines() for t in self.texts]
+        results = [[x[7:] for x in ls if x.startswith("result ")] for ls in lines]
+        hazards = [x[7:] for x in lines[1] if x.startswith("hazard ")]
+        hazards += [x[7:] for x in lines[0] if x.startswith("hazard ")]
+        denied = [x[7:] for x in lines[1] if x.startswith("denied ")]
+        took = [float(x[5:]) for x in lines[1] if x.startswith("took ")]
+        why = list(hazards)
+        if not results[0] or not results[1]:
+            live = [x[5:] for x in lines[0] + lines[1] if x.startswith("live ")]
+            if not why:
+                why.append("the program ended the probe's process" + (
+                    f" after the guard denied {live[-1]}" if live else ""))
+        elif results[0] != results[1]:
+            why.append(f"the call after a rehearsal differs from one without "
+                       f"(status, stdout, stderr: {results[1][0]} instead of {results[0][0]})")
+        seconds = took[0] if took else 0.0
+        if not why and seconds > MAX_BLOCK:
+            why.append(f"a run takes {seconds:.1f}s: calls cannot wait that long for the "
+                       f"server (at most {MAX_BLOCK:g}s)")
+        return why, denied, seconds
+
+
 def probe(plan: Plan, budget: float = PROBE_BUDGET) -> tuple[list[str], list[str]]:
-    """(reasons to refuse, events the guard denied): see the module docstring."""
+    """The probe, waited for (for tools and tests): (reasons to refuse, denied events)."""
     import select
 
-    forks = [_fork(_reference_child, plan), _fork(_rehearsal_child, plan)]
-    texts = [b"", b""]
-    open_ends = {r: i for i, (_pid, r) in enumerate(forks)}
-    poller = select.poll()
-    for r in open_ends:
-        poller.register(r, select.POLLIN)
-    deadline = time.monotonic() + budget
-    timed_out = False
-    try:
-        while open_ends:
-            left = deadline - time.monotonic()
-            events = poller.poll(max(left, 0) * 1000) if left > 0 else []
-            if not events:
-                timed_out = True
-                break
-            for fd, _ev in events:
-                data = os.read(fd, 65536)
-                if data:
-                    texts[open_ends[fd]] += data
-                else:
-                    poller.unregister(fd)
-                    del open_ends[fd]
-    finally:
-        for pid, r in forks:
-            os.close(r)
-            try:
-                os.kill(pid, _signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            os.waitpid(pid, 0)
-    if timed_out:
-        return [f"the probe took longer than {budget:g}s"], []
-    lines = [t.decode("utf-8", "surrogateescape").splitlines() for t in texts]
-    results = [[x[7:] for x in ls if x.startswith("result ")] for ls in lines]
-    hazards = [x[7:] for x in lines[1] if x.startswith("hazard ")]
-    hazards += [x[7:] for x in lines[0] if x.startswith("hazard ")]
-    denied = [x[7:] for x in lines[1] if x.startswith("denied ")]
-    why = list(hazards)
-    if not results[0] or not results[1]:
-        live = [x[5:] for x in lines[0] + lines[1] if x.startswith("live ")]
-        if not why:
-            why.append("the program ended the probe's process" + (
-                f" after the guard denied {live[-1]}" if live else ""))
-    elif results[0] != results[1]:
-        why.append(f"the call after a rehearsal differs from one without "
-                   f"(status, stdout, stderr: {results[1][0]} instead of {results[0][0]})")
+    p = Probe(plan, budget)
+    while not p.poll():
+        poller = select.poll()
+        for r in p.open_ends:
+            poller.register(r, select.POLLIN)
+        poller.poll(max(0.0, p.deadline - time.monotonic()) * 1000 + 10)
+    why, denied, _seconds = p.verdict()
     return why, denied
 
 
