@@ -515,6 +515,8 @@ class Learner:
                                   dict[str, object]]] = []
         #: A rehearsal's probe, running (``prefork.server.rehearse``).
         self.probing: Probe | None = None
+        #: The script's own fds (a probe's forks keep them, as executors do; set by api).
+        self.keep_fds: set[int] = set()
 
     # --------------------------------------------------- set-up (in the server, before freeze)
 
@@ -679,7 +681,7 @@ class Learner:
         probing = self.probing
         if probing is None:
             try:
-                self.probing = rehearse.Probe(plan)
+                self.probing = rehearse.Probe(plan, keep_fds=self.keep_fds)
             except OSError as e:
                 plan.outcome = f"refused: cannot fork a probe: {e}"
                 self.log.warning(f"rehearsal {plan.outcome}")
@@ -695,7 +697,7 @@ class Learner:
             self.log.warning(f"rehearsal with {plan.args!r} {plan.outcome}")
         else:
             before = set(sys.modules)
-            took = rehearse.perform(plan, guard=bool(denied))
+            took = rehearse.perform(plan)
             plan.outcome = (f"done with {plan.args!r} in {took:.3f}s (probe {probe_s:.3f}s: "
                             "the next call's output is identical)"
                             + (f"; denied: {', '.join(denied)}" if denied else ""))

@@ -18,9 +18,9 @@ done only when a probe proves it harmless, and sandboxed:
 - **guard** (``_guard``, an audit hook): while a rehearsal runs, changing files (opening
   for writing, making, removing, renaming ...), the network (``connect``, ``bind``,
   ``sendto``), processes (``fork``, ``exec``, ``subprocess``, ``kill``) and the
-  environment are denied (``PermissionError``): the probe records what was denied; the
-  server installs the hook only when the probe saw a denial (pylint saving its stats file,
-  httpie spawning its update check), and it then returns at once outside a rehearsal.
+  environment are denied (``PermissionError``): the probe records what was denied (pylint
+  saving its statistics, httpie spawning its update check).  The hook stays installed in a
+  server that rehearsed (it cannot be removed) and returns at once outside a rehearsal.
 - **server** (``perform()``): signals blocked, stdio on the server's ``/dev/null``, the run
   ends as a call's would (``SystemExit``, an exception: printed to ``/dev/null``), then
   ``sys.argv``, ``__main__``, the recursion limit and ``sys.excepthook`` are put back and
@@ -40,7 +40,7 @@ from prefork.server.learn import _hazards, _snapshot, _written_path
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
 
 #: Seconds the probe (both forks) may take.
 PROBE_BUDGET = 120.0
@@ -187,7 +187,7 @@ def _rehearsal_child(plan: Plan, w: int) -> None:
     _flush()
     os.write(w, f"took {time.monotonic() - t0:.6f}\n".encode())
     why = _hazards(before, [], scratch, 0)
-    if atexit._ncallbacks() > n_atexit and not any("atexit" in w for w in why):
+    if atexit._ncallbacks() > n_atexit and not any("atexit" in x for x in why):
         why.append("registered an atexit handler")
     for what in _denied:
         os.write(w, f"denied {what}\n".encode("utf-8", "surrogateescape"))
@@ -196,8 +196,30 @@ def _rehearsal_child(plan: Plan, w: int) -> None:
     os.write(w, f"result {_one_call(plan)}\n".encode())
 
 
-def _fork(child: Callable[[Plan, int], None], plan: Plan) -> tuple[int, int]:
+def _detach_child(server_pid: int, keep_fds: Iterable[int], w: int) -> None:
+    """In a probe's fork: die with the server (PDEATHSIG), let go of its fds (listening
+    socket, watcher pipes ...: held here, they would outlive it), as a spare does."""
+    from prefork.common import cfunc
+    from prefork.server import executor
+
+    try:
+        prctl = cfunc.function("prctl")
+    except AttributeError:
+        prctl = None
+    executor.set_pdeathsig(_signal.SIGKILL, prctl)
+    if os.getppid() != server_pid:
+        os._exit(0)
+    try:
+        _signal.set_wakeup_fd(-1)
+    except ValueError:
+        pass
+    executor.close_fds_except({0, 1, 2, w, *keep_fds})
+
+
+def _fork(child: Callable[[Plan, int], None], plan: Plan,
+          keep_fds: Iterable[int]) -> tuple[int, int]:
     """(pid, read end) of a throwaway fork running ``child``; signals stay blocked in it."""
+    server_pid = os.getpid()
     r, w = os.pipe2(os.O_CLOEXEC)
     old_mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, _signal.valid_signals())
     try:
@@ -210,12 +232,8 @@ def _fork(child: Callable[[Plan, int], None], plan: Plan) -> tuple[int, int]:
     if pid == 0:
         global _live_fd
         try:
-            os.close(r)
+            _detach_child(server_pid, keep_fds, w)
             _live_fd = w
-            try:
-                _signal.set_wakeup_fd(-1)
-            except ValueError:
-                pass
             child(plan, w)
         except BaseException as e:  # noqa: BLE001 - reported to the server
             try:
@@ -236,7 +254,8 @@ class Probe:
     (``owns`` tells it they are ours): they are killed through pidfds, never by a pid that
     may have been reused."""
 
-    def __init__(self, plan: Plan, budget: float = PROBE_BUDGET) -> None:
+    def __init__(self, plan: Plan, budget: float = PROBE_BUDGET,
+                 keep_fds: Iterable[int] = ()) -> None:
         self.started = time.monotonic()
         self.deadline = self.started + budget
         self.budget = budget
@@ -247,7 +266,7 @@ class Probe:
         self.timed_out = False
         try:
             for i, child in enumerate((_reference_child, _rehearsal_child)):
-                pid, r = _fork(child, plan)
+                pid, r = _fork(child, plan, keep_fds)
                 self.pids.append(pid)
                 self.open_ends[r] = i
                 try:
@@ -330,11 +349,12 @@ class Probe:
         return why, denied, seconds
 
 
-def probe(plan: Plan, budget: float = PROBE_BUDGET) -> tuple[list[str], list[str]]:
+def probe(plan: Plan, budget: float = PROBE_BUDGET,
+          keep_fds: Iterable[int] = ()) -> tuple[list[str], list[str]]:
     """The probe, waited for (for tools and tests): (reasons to refuse, denied events)."""
     import select
 
-    p = Probe(plan, budget)
+    p = Probe(plan, budget, keep_fds)
     while not p.poll():
         poller = select.poll()
         for r in p.open_ends:
@@ -347,18 +367,15 @@ def probe(plan: Plan, budget: float = PROBE_BUDGET) -> tuple[list[str], list[str
 # ------------------------------------------------------------------ in the server
 
 
-def perform(plan: Plan, guard: bool) -> float:
-    """Rehearse in this process (the server: stdio on /dev/null), every signal blocked;
-    under the guard if ``guard``.  The seconds it took."""
+def perform(plan: Plan) -> float:
+    """Rehearse in this process (the server: stdio on /dev/null), every signal blocked,
+    under the guard (a run may not do what the probe's did).  The seconds it took."""
     import gc
 
     old_mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, _signal.valid_signals())
     t0 = time.monotonic()
     try:
-        if guard:
-            guarded(plan, plan.args)
-        else:
-            plan.run(plan.args)
+        guarded(plan, plan.args)
         _flush()
     finally:
         _signal.pthread_sigmask(_signal.SIG_SETMASK, old_mask)
