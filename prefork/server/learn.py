@@ -692,6 +692,11 @@ class Learner:
         self.probing = None
         why, denied, _seconds = probing.verdict()
         probe_s = time.monotonic() - probing.started
+        if len(why) == 1 and why[0].startswith(rehearse.TOO_SLOW) \
+                and plan.slow + 1 < rehearse.TRIES:
+            plan.slow += 1  # a busy machine: probe again at the next step
+            self.log.info(f"rehearsal: probe {plan.slow} of {rehearse.TRIES}: {why[0]}")
+            return
         if why:
             plan.outcome = f"refused: {'; '.join(why)}"
             self.log.warning(f"rehearsal with {plan.args!r} {plan.outcome}")

@@ -48,6 +48,10 @@ PROBE_BUDGET = 120.0
 #: arriving meanwhile wait for it, and a client that gets no greeting for 10 s starts a
 #: fresh server (correct, but the rehearsal is lost).
 MAX_BLOCK = 9.0
+#: Probes per server before a rehearsal found too slow is refused.
+TRIES = 3
+#: How a refusal for a run too slow starts.
+TOO_SLOW = "a run takes "
 
 #: Audit events a rehearsal may not cause (beyond files changed, see learn._written_path).
 _DENIED_EVENTS = frozenset({
@@ -77,6 +81,8 @@ class Plan:
         self.args = args
         #: None: not done yet; else what happened (for the log and ``prefork-ctl show``).
         self.outcome: str | None = None
+        #: Probes that found a run too slow (a busy machine): tried again up to ``TRIES``.
+        self.slow = 0
 
 
 #: Set by the runner before ``initialisation_complete()`` (``--rehearse``).
@@ -344,7 +350,7 @@ class Probe:
                        f"(status, stdout, stderr: {results[1][0]} instead of {results[0][0]})")
         seconds = took[0] if took else 0.0
         if not why and seconds > MAX_BLOCK:
-            why.append(f"a run takes {seconds:.1f}s: calls cannot wait that long for the "
+            why.append(f"{TOO_SLOW}{seconds:.1f}s: calls cannot wait that long for the "
                        f"server (at most {MAX_BLOCK:g}s)")
         return why, denied, seconds
 
