@@ -174,7 +174,8 @@ def _check_no_other_prefork(script: Script) -> None:
 USAGE = f"""\
 {PROG} [OPTIONS] SCRIPT [ARGS ...]
        {PROG} --explain [OPTIONS] SCRIPT [-- ARGS ...]
-       {PROG} --wrap NAME [--client PATH] [--preload MODULE ..] [--rehearse] [-- ARGS ...] > WRAPPER"""
+       {PROG} --wrap NAME [--client PATH] [--preload MODULE ..] [--rehearse] [-- ARGS ...]
+              > WRAPPER"""
 
 DESCRIPTION = """\
 Runs an unmodified Python script (or an installed program's script) fast under prefork-interp:
