@@ -747,7 +747,8 @@ def now() -> float:
 def read_learned(e: Entry) -> dict[str, object] | None:
     """What the server of ``e`` learned from calls (``p<IDENT>.learned``, written by
     ``prefork.server.learn``): learned modules, refused ones with the reason, regexes
-    compiled, setup paths a call removed; None if there is no such file (or unreadable)."""
+    compiled, setup paths a call removed, the rehearsal's outcome; None if there is no such
+    file (or unreadable)."""
     import json
 
     from prefork.common.consts import LEARNED_SUFFIX
@@ -763,4 +764,5 @@ def read_learned(e: Entry) -> dict[str, object] | None:
     return {"path": path, "learned": list(data.get("learned") or []),
             "refused": dict(data.get("refused") or {}),
             "regexes": len(data.get("regexes") or []),
-            "undone": list(data.get("undone") or [])}
+            "undone": list(data.get("undone") or []),
+            "rehearsal": str(data.get("rehearsal") or "")}

@@ -227,6 +227,10 @@ def learned_tree(info: dict[str, Any]) -> Tree:
     for name, why in sorted(refused.items()):
         node.add(f"{escape(name)}: [yellow]{escape(why)}[/]")
     tree.add(f"regular expressions compiled: {info['regexes']}")
+    rehearsal = info.get("rehearsal") or ""
+    if rehearsal:
+        style = "yellow" if rehearsal.startswith("refused") else "green"
+        tree.add(f"rehearsal: [{style}]{escape(rehearsal)}[/]")
     for path in info["undone"]:
         tree.add(f"[yellow]a call removed {escape(path)}, made during setup[/]: the setup's "
                  "atexit handlers run only when the server exits")

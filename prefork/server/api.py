@@ -273,6 +273,7 @@ def _serve(config: ServerConfig) -> bool:
         # started it), so that they can check the executors it names (P records).
         ends.listen_sock.listen(128)
         learner = learn.Learner(learn.state_path(ends.log_path), log, learn=config.learn)
+        learner.keep_fds = ends.keep_fds
         learner.start(reload)
         if config.learn:
             fastexit.before_exit.append(learn.report)

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
     from prefork.server.autoreload import Autoreload
     from prefork.server.log import ServerLog
+    from prefork.server.rehearse import Probe
     from prefork.server.watchlink import WatchLink
 
 #: Largest report an executor sends (a datagram; what does not fit is dropped).
@@ -369,6 +370,8 @@ class State:
         self.regexes: list[tuple[str, str, int]] = []
         #: Setup paths a call removed (see ``SetupEffects``): defer setup atexit handlers.
         self.undone: list[str] = []
+        #: What the last rehearsal did, or why it was refused (``prefork.server.rehearse``).
+        self.rehearsal: str = ""
 
     @classmethod
     def load(cls, path: str) -> State:
@@ -392,6 +395,8 @@ class State:
                          if isinstance(r, list) and len(r) == 3 and r[0] in ("s", "b")
                          and isinstance(r[1], str) and isinstance(r[2], int)]
         state.undone = [p for p in data.get("undone", []) if isinstance(p, str)]
+        rehearsal = data.get("rehearsal", "")
+        state.rehearsal = rehearsal if isinstance(rehearsal, str) else ""
         return state
 
     def save(self, path: str) -> None:
@@ -400,7 +405,8 @@ class State:
 
         tmp = f"{path}.{os.getpid()}.tmp"
         data = {"version": STATE_VERSION, "learned": self.learned, "refused": self.refused,
-                "regexes": [list(r) for r in self.regexes], "undone": self.undone}
+                "regexes": [list(r) for r in self.regexes], "undone": self.undone,
+                "rehearsal": self.rehearsal}
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with open(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=1)
@@ -507,6 +513,10 @@ class Learner:
         self.effects = setup_effects
         self.deferred: list[tuple[Callable[..., object], tuple[object, ...],
                                   dict[str, object]]] = []
+        #: A rehearsal's probe, running (``prefork.server.rehearse``).
+        self.probing: Probe | None = None
+        #: The script's own fds (a probe's forks keep them, as executors do; set by api).
+        self.keep_fds: set[int] = set()
 
     # --------------------------------------------------- set-up (in the server, before freeze)
 
@@ -557,11 +567,15 @@ class Learner:
                           "run at the end of every call")
 
     def close(self) -> None:
-        """In a spare: let go of the server's socket (the module globals stay, for
-        ``report``)."""
+        """In a spare: let go of the server's socket and a probe's pipes and pidfds (the
+        module globals stay, for ``report``)."""
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+        if self.probing is not None:
+            for fd in [*self.probing.open_ends, *self.probing.pidfds]:
+                os.close(fd)
+            self.probing = None
 
     # --------------------------------------------------- between calls
 
@@ -614,7 +628,14 @@ class Learner:
                     self.pending_re.setdefault(r, None)
 
     def due(self) -> bool:
-        return bool(self.pending or self.pending_re)
+        from prefork.server import rehearse
+
+        plan = rehearse.planned
+        if plan is None or plan.outcome is not None:
+            return bool(self.pending or self.pending_re)
+        # Not rehearsed yet: start the probe, or see if it is done (without blocking).
+        return bool(self.pending or self.pending_re) or self.probing is None \
+            or self.probing.poll()
 
     def step(self, *, initial: bool = False) -> None:
         """Probe, import and compile what is pending (no call runs); save the state."""
@@ -640,12 +661,61 @@ class Learner:
             # judged with that import's side effects, in a fresh probe.
             names = [n for n in names if n not in refused]
         self._compile_regexes()
+        if not initial:  # (not at start: the first call would wait for it)
+            self._rehearse()
         if learned_now:
             self.log.info(f"learning: imported {len(learned_now)} module(s) in "
                           f"{time.monotonic() - t0:.3f}s" + (" (from the saved state)"
                                                              if initial else ""))
         self._refresh_known()
         self._save()
+
+    def _rehearse(self) -> None:
+        """Once per server, after its first call: start the probe (in forks: calls go on
+        meanwhile); at a later step, once it is done, rehearse here or refuse."""
+        from prefork.server import rehearse
+
+        plan = rehearse.planned
+        if plan is None or plan.outcome is not None:
+            return
+        probing = self.probing
+        if probing is None:
+            try:
+                self.probing = rehearse.Probe(plan, keep_fds=self.keep_fds)
+            except OSError as e:
+                plan.outcome = f"refused: cannot fork a probe: {e}"
+                self.log.warning(f"rehearsal {plan.outcome}")
+                self.state.rehearsal = plan.outcome
+            return
+        if not probing.poll():
+            return
+        self.probing = None
+        why, denied, _seconds = probing.verdict()
+        probe_s = time.monotonic() - probing.started
+        if len(why) == 1 and why[0].startswith(rehearse.TOO_SLOW) \
+                and plan.slow + 1 < rehearse.TRIES:
+            plan.slow += 1  # a busy machine: probe again at the next step
+            self.log.info(f"rehearsal: probe {plan.slow} of {rehearse.TRIES}: {why[0]}")
+            return
+        if why:
+            plan.outcome = f"refused: {'; '.join(why)}"
+            self.log.warning(f"rehearsal with {plan.args!r} {plan.outcome}")
+        else:
+            before = set(sys.modules)
+            took = rehearse.perform(plan)
+            plan.outcome = (f"done with {plan.args!r} in {took:.3f}s (probe {probe_s:.3f}s: "
+                            "the next call's output is identical)"
+                            + (f"; denied: {', '.join(denied)}" if denied else ""))
+            self.log.info(f"rehearsal {plan.outcome}")
+            if self.autoreload is not None:
+                self.autoreload.add_files(
+                    [f for f in (getattr(sys.modules.get(m), "__file__", None)
+                                 for m in set(sys.modules) - before) if isinstance(f, str)])
+        self.state.rehearsal = plan.outcome
+
+    def owns(self, pid: int) -> bool:
+        """Whether ``pid`` is a child of the learner's (a rehearsal probe's fork)."""
+        return self.probing is not None and self.probing.owns(pid)
 
     def _import(self, names: list[str]) -> list[str]:
         import gc

@@ -930,6 +930,8 @@ class Server(FdShortage, WaitingCalls):
                 self._reaped_spare(pid, status)
                 continue
             call = self.by_pid.get(pid)
+            if call is None and self.learner is not None and self.learner.owns(pid):
+                continue  # a rehearsal probe's fork
             if call is None:
                 self.log.warning(f"reaped process {pid} that was not one of ours "
                                  f"(status {status:#x})")

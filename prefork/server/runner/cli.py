@@ -16,6 +16,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
     import types
+    from collections.abc import Callable
 
 #: Options that take a value (the first word that is neither these nor an option is SCRIPT).
 _VALUE_OPTIONS = frozenset({"--preload", "--reload-also", "--wrap", "--client"})
@@ -45,6 +46,10 @@ def serve(script: Script, opts: argparse.Namespace) -> None:
     finally:
         captured = capture.finish()
         effects.stop()
+    if script.rehearse is not None and not opts.no_rehearse and not opts.no_learn:
+        from prefork.server import rehearse
+
+        rehearse.planned = rehearse.Plan(_rehearsal_run(script), script.rehearse)
     # This frame ends every executor itself (fastexit.finish below): no sys.monitoring
     # event is armed, so the script's code runs at direct speed (3.12+).
     fastexit.caller_exits()
@@ -74,6 +79,37 @@ def _call(script: Script, module: types.ModuleType, captured: dict[int, bytes]) 
         sys.argv[0] = script.argv0
     replay(captured)
     run(script, module)
+
+
+def _rehearsal_run(script: Script) -> Callable[[list[str]], int]:
+    """A run of the script in this process as a call would run it (for a rehearsal and its
+    probe, ``prefork.server.rehearse``), putting back what ``enter`` and ``run`` change:
+    its exit status."""
+
+    def run_once(args: list[str]) -> int:
+        saved_argv = list(sys.argv)
+        saved_main = sys.modules.get("__main__")
+        limit = sys.getrecursionlimit()
+        hook = sys.excepthook
+        try:
+            run(script, enter(script, args))
+            return 0
+        except SystemExit as e:
+            code = e.code
+            if code is None or isinstance(code, int):
+                return code or 0
+            print(code, file=sys.stderr)
+            return 1
+        except BaseException:  # noqa: BLE001 - KeyboardInterrupt, printed already
+            return 130
+        finally:
+            sys.argv[:] = saved_argv
+            if saved_main is not None:
+                sys.modules["__main__"] = saved_main
+            sys.setrecursionlimit(limit)
+            sys.excepthook = hook
+
+    return run_once
 
 
 def run_direct(script: Script, opts: argparse.Namespace) -> None:
@@ -138,7 +174,8 @@ def _check_no_other_prefork(script: Script) -> None:
 USAGE = f"""\
 {PROG} [OPTIONS] SCRIPT [ARGS ...]
        {PROG} --explain [OPTIONS] SCRIPT [-- ARGS ...]
-       {PROG} --wrap NAME [--client PATH] [--preload MODULE ..] [-- ARGS ...] > WRAPPER"""
+       {PROG} --wrap NAME [--client PATH] [--preload MODULE ..] [--rehearse] [-- ARGS ...]
+              > WRAPPER"""
 
 DESCRIPTION = """\
 Runs an unmodified Python script (or an installed program's script) fast under prefork-interp:
@@ -169,6 +206,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="do not import the script's own imports in setup")
     p.add_argument("--no-learn", action="store_true",
                    help="do not learn from calls (modules they import, regexes they compile)")
+    p.add_argument("--rehearse", action="store_true",
+                   help="with --wrap NAME -- ARGS: the wrapper's server runs the program "
+                        "once with ARGS itself (probed first in throwaway forks, sandboxed), "
+                        "so that calls start with what a run builds lazily")
+    p.add_argument("--no-rehearse", action="store_true",
+                   help="do not rehearse, even if the wrapper asks for it")
     p.add_argument("--reload-also", action="append", default=[], metavar="PATH",
                    help="restart the server when PATH changes too (repeatable)")
     p.add_argument("--explain", action="store_true",
@@ -225,6 +268,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         parser.error("--client goes with --wrap")
     if opts.wrap is not None and opts.explain:
         parser.error("--explain takes a SCRIPT, not --wrap")
+    if opts.rehearse and opts.learn_args is None:
+        parser.error("--rehearse goes with --wrap NAME -- ARGS")
     if opts.json and not opts.explain:
         parser.error("--json goes with --explain")
     return opts
@@ -241,8 +286,10 @@ def main(argv: list[str] | None = None) -> int:
             passed = [w for m in opts.preload for w in ("--preload", m)]
             passed += ["--no-preload"] if opts.no_preload else []
             passed += ["--no-learn"] if opts.no_learn else []
+            passed += ["--no-rehearse"] if opts.no_rehearse else []
             passed += [w for p in opts.reload_also for w in ("--reload-also", p)]
-            sys.stdout.write(make_wrapper(opts.wrap, opts.client, passed, opts.learn_args))
+            sys.stdout.write(make_wrapper(opts.wrap, opts.client, passed, opts.learn_args,
+                                          opts.rehearse))
             return 0
         script = Script(opts.script)
         if not opts.python_checked:

@@ -22,6 +22,9 @@ EXIT_ERROR = 1
 WRAP_MARKER = b"# prefork-server-wrap: "
 #: Marks the modules a wrapper preloads in setup (learned by ``--wrap NAME -- ARGS``).
 PRELOAD_MARKER = b"# prefork-server-preload:"
+#: Marks the arguments a wrapper's server rehearses with (``--wrap NAME --rehearse -- ARGS``):
+#: a JSON list of strings.
+REHEARSE_MARKER = b"# prefork-server-rehearse:"
 #: How many bytes of a program are read to find its ``#!`` line and our marker.
 HEAD = 4096
 
@@ -58,9 +61,12 @@ class Script:
         target = wrapped_target(source)
         #: Modules the wrapper names for setup to preload.
         self.preload: list[str] = []
+        #: The arguments the wrapper's server rehearses with (None: no rehearsal).
+        self.rehearse: list[str] | None = None
         if target is not None:
             self.wrapper = path
             self.preload = wrapper_preloads(source)
+            self.rehearse = wrapper_rehearsal(source)
             path = os.path.abspath(target)
             source, e = _read(path)
             if e is not None:
@@ -103,6 +109,24 @@ def wrapper_preloads(source: bytes) -> list[str]:
         elif not line.startswith(b"#"):
             break
     return names
+
+
+def wrapper_rehearsal(source: bytes) -> list[str] | None:
+    """The arguments a wrapper's rehearse line gives (the comment block after its ``#!``)."""
+    import json
+
+    for line in source.split(b"\n")[1:]:
+        if line.startswith(REHEARSE_MARKER):
+            try:
+                args = json.loads(line[len(REHEARSE_MARKER):].decode("utf-8", "surrogateescape"))
+            except ValueError:
+                return None
+            if isinstance(args, list) and all(isinstance(a, str) for a in args):
+                return args
+            return None
+        if not line.startswith(b"#"):
+            break
+    return None
 
 
 def main_module(path: str) -> types.ModuleType:

@@ -11,6 +11,7 @@ from prefork.server.runner.script import (
     HEAD,
     PRELOAD_MARKER,
     PROG,
+    REHEARSE_MARKER,
     WRAP_MARKER,
     RunnerError,
     wrapped_target,
@@ -191,12 +192,14 @@ def learn_preloads(interp: list[str], program: str, options: list[str],
 
 
 def make_wrapper(name: str, client: str | None, options: list[str] | None = None,
-                 learn_args: list[str] | None = None) -> str:
+                 learn_args: list[str] | None = None, rehearse: bool = False) -> str:
     """The text of a ``#!`` wrapper running program NAME through a warm server under the
     program's own Python, nothing of ours installed in its environment; ``options``
     (``--preload MODULE`` ...) go into the ``#!`` line, for the server's setup.  With
     ``learn_args``, the program is run once with them and the modules it imported while
-    running (the fork-safe ones) are listed in the wrapper, for setup to preload."""
+    running (the fork-safe ones) are listed in the wrapper, for setup to preload; with
+    ``rehearse`` too, the wrapper's server rehearses with them (``server/rehearse.py``)."""
+    import json
     import subprocess
 
     program = find_program(name)
@@ -249,6 +252,8 @@ def make_wrapper(name: str, client: str | None, options: list[str] | None = None
             group.append(mod)
         if group:
             learned += f"{PRELOAD_MARKER.decode()} {' '.join(group)}\n"
+        if rehearse:
+            learned += f"{REHEARSE_MARKER.decode()} {json.dumps(learn_args)}\n"
     return (f"{shebang}\n"
             f"{WRAP_MARKER.decode()}{program}\n"
             f"{learned}"
