@@ -314,31 +314,14 @@ def test_killed_watcher_takes_nothing_down(rig: Rig) -> None:
 @pytest.mark.parametrize("fault", ["socket deleted", "socket replaced"])
 def test_lost_socket_lets_calls_finish_then_a_fresh_server(rig: Rig, fault: str) -> None:
     h = rig.hold(exit_code=4)
-    sock = socket_file(rig.rundir)
-    os.unlink(sock)
-    if fault == "socket replaced":
-        stranger = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        stranger.bind(sock)  # not listening: the next client replaces it in turn
-        stranger.close()
-    wait_for(lambda: "stopped accepting (lost socket" in log_text(rig.rundir),
-             what="the server noticed")
-    fresh = rig.ping()
-    assert fresh != h.server
-    assert not gone(h.executor)
-    h.finish()
-    wait_for(lambda: gone(h.server), what="the old server gone")
-    watcher_of(sock)  # one watcher (a shared one, maybe started anew for the fresh server)
+    fresh = _lose_socket_and_drain(rig, h, fault)
+    watcher_of(socket_file(rig.rundir))  # one watcher (a shared one, maybe started anew)
     assert rig.ping() == fresh
 
 
-@pytest.mark.parametrize("fault", ["socket deleted", "socket replaced", "--kill"])
-def test_self_watching_server_lost_socket_lets_calls_finish(lone_rig: Rig, fault: str) -> None:
-    """A lone server (no watcher process: it watches itself) sees its socket go, lets its
-    running call finish with its own status, and quits; the next call starts a fresh one."""
-    rig = lone_rig
-    h = rig.hold(exit_code=4)
-    wait_for(lambda: not cmdline_pids("--shared", rig.rundir),
-             what="the shared watcher to let the server go and retire")
+def _lose_socket_and_drain(rig: Rig, h: Held, fault: str) -> int:
+    """Take the server's socket away (``fault``), see the server notice, a fresh server
+    answer, the held call finish and the old server go; returns the fresh server's pid."""
     sock = socket_file(rig.rundir)
     if fault == "--kill":
         rc, out, err = rig.call(client_args=("--kill",))
@@ -356,6 +339,18 @@ def test_self_watching_server_lost_socket_lets_calls_finish(lone_rig: Rig, fault
     assert not gone(h.executor)
     h.finish()
     wait_for(lambda: gone(h.server), what="the old server gone")
+    return fresh
+
+
+@pytest.mark.parametrize("fault", ["socket deleted", "socket replaced", "--kill"])
+def test_self_watching_server_lost_socket_lets_calls_finish(lone_rig: Rig, fault: str) -> None:
+    """A lone server (no watcher process: it watches itself) sees its socket go, lets its
+    running call finish with its own status, and quits; the next call starts a fresh one."""
+    rig = lone_rig
+    h = rig.hold(exit_code=4)
+    wait_for(lambda: not cmdline_pids("--shared", rig.rundir),
+             what="the shared watcher to let the server go and retire")
+    fresh = _lose_socket_and_drain(rig, h, fault)
     assert rig.ping() == fresh
 
 
