@@ -51,7 +51,9 @@ def test_doctor_reports_every_check(rundir: str, procs: ProcRegistry, env: dict[
     assert rundir in run["found"]
     (ino,) = by_check(findings, "inotify")
     used = re.match(r"(\d+) of (\d+) instances in use", ino["found"])
-    assert used and int(used.group(1)) >= 2, ino  # the server's autoreload and its watcher
+    # A lone server watches itself and its files in one inotify instance of its own (the
+    # shared watcher, if not yet retired, may hold one more).
+    assert used and int(used.group(1)) >= 1, ino
     assert by_check(findings, "python") and by_check(findings, "logging")
     (ref,) = by_check(findings, "reference")
     assert ref["level"] == ("ok" if os.path.exists("/usr/bin/prefork-interp") else "info")
