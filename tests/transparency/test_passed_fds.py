@@ -104,14 +104,16 @@ print(sys.argv[1], "got a job slot", flush=True)
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="no make")
 def test_make_jobserver(make_probe: ProbeFactory, tmp_path: Path) -> None:
-    """A recipe marked ``+`` under ``make -j3``: the script takes a job slot from make's
-    jobserver pipe (``--jobserver-auth=R,W`` fds) and gives it back."""
+    """A recipe marked ``+`` under ``make -j4``: the script takes a job slot from make's
+    jobserver pipe (``--jobserver-auth=R,W`` fds) and gives it back.  Four slots: the two
+    recipes hold two, each script takes one of the two left (under -j3 one of them could
+    find the pipe, which make keeps non-blocking, empty: EAGAIN in a direct run too)."""
     probe = make_probe(JOBSERVER)
     (tmp_path / "Makefile").write_text(MAKEFILE)
     for how in ("direct", "cold", "warm"):
         probe.prepare(how)
         script = " ".join(probe.command(how))
-        rc, out, err = probe.procs.run(["make", "-s", "-j3", "-C", str(tmp_path),
+        rc, out, err = probe.procs.run(["make", "-s", "-j4", "-C", str(tmp_path),
                                         f"SCRIPT={script}"], env=probe.env, timeout=60)
         assert rc == 0, (how, out, err)
         assert sorted(out.splitlines()) == [b"a got a job slot", b"b got a job slot"], how
